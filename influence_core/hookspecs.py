@@ -1,0 +1,69 @@
+"""The hooks a plugin can implement.
+
+Every hook here is a *register-callback* hook: the plugin calls ``register(thing)`` once per thing
+it provides, and the core collects them. Implementations are called newest-registered first, with
+``tryfirst``/``trylast`` adjusting the order; when two plugins register the same name, the one
+called first wins. Our shipped plugins mark their implementations ``trylast``, so any installed
+third-party plugin can replace a built-in by registering the same name.
+
+A plugin is a module (or object) with functions decorated by `influence_core.hookimpl`, exposed
+through the ``influence`` entry-point group::
+
+    [project.entry-points.influence]
+    my_plugin = "my_plugin_module"
+
+Implementations may accept fewer arguments than the spec; new arguments may be added to specs
+without breaking existing plugins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("influence")
+
+
+@hookspec
+def register_model_loaders(register: Callable[..., None]) -> None:
+    """Register model loaders: ``register(ModelLoader(name, detect, load))``.
+
+    A loader recognises a model source on disk (``detect(path) -> bool``: a Hugging Face
+    safetensors directory, a GGUF file, ...) and opens it (``load(path) -> ModelSource``: typed
+    config, tokenizer, and a lazy mapping of weights under Hugging Face tensor names). The core asks
+    loaders in call order and uses the first whose ``detect`` says yes.
+    """
+
+
+@hookspec
+def register_architectures(register: Callable[..., None]) -> None:
+    """Register architecture builders: ``register(Architecture(name, backend, model_types, build))``.
+
+    An architecture maps config.json's ``model_type`` (e.g. "llama") or ``architectures`` entry
+    (e.g. "LlamaForCausalLM") to a model built for one backend: ``build(config, weights, device,
+    dtype)``. Register once per backend the family supports. When no registered architecture
+    matches a model for the chosen backend, the run fails naming the model type and the
+    architectures that are installed.
+    """
+
+
+@hookspec
+def register_samplers(register: Callable[..., None]) -> None:
+    """Register samplers: ``register(Sampler(name, kind, create))``.
+
+    A sampler is either a *processor* (rewrites logits: temperature, top-k, repetition penalty, ...)
+    or a *picker* (chooses the token: argmax, a seeded draw, ...). The core chains processors in a
+    fixed documented order and ends with one picker; ``--sampler NAME -o KEY VALUE`` selects any
+    registered sampler by name and passes it its options.
+    """
+
+
+@hookspec
+def register_backends(register: Callable[..., None]) -> None:
+    """Register device backends: ``register(backend)`` with an `influence_core.interfaces.Backend`.
+
+    A backend declares the device kinds (cpu, cuda, mps) and dtypes it supports, reports which
+    devices this machine actually has, and loads a model source into a `Runner` that owns the KV
+    cache and computes logits. ``--backend NAME`` picks one per run.
+    """

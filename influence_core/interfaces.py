@@ -1,0 +1,171 @@
+"""What plugins register, and what they hand back to the core.
+
+The four hook kinds in `hookspecs` each register one of the classes below. Everything that touches
+tensors is typed loosely (`Any`) here because the core never imports torch at module level.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from .config import ModelConfig
+from .errors import BackendError
+from .tokenizer import Tokenizer
+
+
+class Weights(Protocol):
+    """A lazy, read-only mapping from Hugging Face tensor names (``model.layers.0.mlp.up_proj.weight``)
+    to torch tensors in their stored floating dtype (quantized formats are dequantized to float32).
+    Architectures read only the tensors they need, one at a time, so peak memory stays near the
+    size of the built model."""
+
+    def keys(self) -> Iterator[str]: ...
+    def __contains__(self, name: object) -> bool: ...
+    def __getitem__(self, name: str) -> Any: ...
+
+
+@dataclass
+class ModelSource:
+    """A model a loader recognised: its config, tokenizer and (lazily) weights."""
+
+    path: Path
+    format: str  # the loader's name: "safetensors", "gguf", ...
+    config: ModelConfig
+    tokenizer: Tokenizer
+    weights: Callable[[], Weights]
+    # A Hugging Face directory holding this model (config.json, tokenizer.json, *.safetensors), for
+    # tools that need one, such as the ONNX exporter; None when the source is in another format.
+    hf_directory: Path | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # format-specific facts for listings
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """Recognises a model source on disk and opens it.
+
+    ``detect(path)`` must be cheap (look at names and magic bytes, not tensors); ``load(path)``
+    returns a `ModelSource` or raises `ModelFormatError` with a one-line reason.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path], ModelSource]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Builds one model family for one backend.
+
+    Selected when config.json's ``model_type`` is in ``model_types`` or one of its ``architectures``
+    is in ``class_names``. ``build(config, weights, device, dtype)`` returns the backend's model
+    object (for the torch backend, a module with the `influence_torch` causal-LM interface).
+    """
+
+    name: str
+    backend: str
+    model_types: tuple[str, ...]
+    build: Callable[..., Any]
+    class_names: tuple[str, ...] = ()
+    description: str = ""
+
+    def matches(self, config: ModelConfig) -> bool:
+        return config.model_type in self.model_types or any(c in self.class_names for c in config.architectures)
+
+
+class Runner(ABC):
+    """One loaded model on one device, holding its KV cache; what the generation loop drives.
+
+    Positions below ``start_pos`` must already be in the cache from earlier calls; a call overwrites
+    the cache from ``start_pos`` on, so a caller can rewind (reuse a shared prefix) by passing a
+    smaller ``start_pos``.
+    """
+
+    context_length: int
+    device: str  # where logits live, as a torch device string ("cpu", "cuda:0", ...)
+
+    @abstractmethod
+    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False) -> Any:
+        """Run ``token_ids`` at positions ``start_pos...``; return float32 logits as a torch tensor:
+        shape [vocab] for the last position, or [len(token_ids), vocab] when ``all_logits``."""
+
+    def close(self) -> None:
+        """Release memory held outside Python's reach (device caches, sessions)."""
+
+
+class Backend(ABC):
+    """An execution engine. Subclasses set the class attributes and implement `load`."""
+
+    name: str
+    devices: tuple[str, ...]  # device kinds this backend can drive: "cpu", "cuda", "mps"
+    dtypes: tuple[str, ...]  # dtypes accepted by --dtype, besides "auto"
+    description: str = ""
+    # False for backends that run an exported graph (ONNX) and so need no architecture plugin.
+    uses_architectures: bool = True
+
+    @abstractmethod
+    def available_devices(self) -> list[str]:
+        """The devices usable now on this machine, best first (e.g. ["cuda:0", "cpu"])."""
+
+    def resolve_device(self, requested: str) -> str:
+        """Map ``auto``/``cuda``/``cuda:N``/... to a concrete device, or raise `BackendError`."""
+        available = self.available_devices()
+        if requested == "auto":
+            return available[0]
+        kind = requested.split(":", 1)[0]
+        if kind not in self.devices:
+            raise BackendError(
+                f"backend {self.name!r} cannot run on {requested!r} (it supports: {', '.join(self.devices)})"
+            )
+        wanted = f"{requested}:0" if requested in ("cuda",) else requested
+        if wanted not in available:
+            raise BackendError(
+                f"device {requested!r} is not available on this machine for backend {self.name!r} "
+                f"(available: {', '.join(available)})"
+            )
+        return wanted
+
+    def resolve_dtype(self, requested: str, device: str) -> str:
+        """Map ``auto`` to this device's best dtype and check the rest."""
+        if requested == "auto":
+            return "float32" if device == "cpu" else "bfloat16"
+        if requested not in self.dtypes:
+            raise BackendError(
+                f"backend {self.name!r} does not support dtype {requested!r} "
+                f"(supported: auto, {', '.join(self.dtypes)})"
+            )
+        return requested
+
+    @abstractmethod
+    def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
+             options: dict[str, Any]) -> Runner:
+        """Build a `Runner` for ``source``. ``options`` are backend settings given with ``-b KEY VALUE``
+        (threads, ...); unknown keys raise `BackendError`."""
+
+
+@dataclass
+class SamplingContext:
+    """What a sampler may look at besides the logits."""
+
+    token_ids: Any  # torch.LongTensor on the logits' device: prompt and output so far
+    generator: Any  # torch.Generator on the logits' device, seeded for reproducible draws
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A named sampling step.
+
+    ``create(**options)`` validates its options (raising `SamplingError`) and returns a callable:
+    for a ``processor``, ``fn(logits, context) -> logits`` (mask with -inf, never renormalise);
+    for a ``picker``, ``fn(logits, context) -> int``, the chosen token id. Logits are a 1-D float32
+    torch tensor over the vocabulary.
+    """
+
+    name: str
+    kind: Literal["processor", "picker"]
+    create: Callable[..., Callable[..., Any]]
+    description: str = ""

@@ -1,0 +1,211 @@
+"""Loading plugins and collecting what they register.
+
+Plugins come from the ``influence`` entry-point group (ours and third parties' alike) or are
+registered in-process with `register_plugin`. A plugin that fails to import, or raises while
+registering, is skipped with one warning line; the rest keep working.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .config import ModelConfig
+from .errors import BackendError, ModelNotFoundError, SamplingError, UnsupportedArchitectureError
+from .interfaces import Architecture, Backend, ModelLoader, Sampler
+
+ENTRY_POINT_GROUP = "influence"
+LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
+
+hookimpl = pluggy.HookimplMarker("influence")
+
+# hook name -> (what each registered item must be, registry attribute)
+REGISTER_HOOKS: dict[str, tuple[type, str]] = {
+    "register_model_loaders": (ModelLoader, "loaders"),
+    "register_architectures": (Architecture, "architectures"),
+    "register_samplers": (Sampler, "samplers"),
+    "register_backends": (Backend, "backends"),
+}
+
+
+def warn(message: str) -> None:
+    print(f"influence: warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    version: str | None
+    distribution: str | None
+    hooks: list[str]
+    provides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, in call order, with who provided what."""
+
+    loaders: list[ModelLoader] = field(default_factory=list)
+    architectures: list[Architecture] = field(default_factory=list)
+    samplers: list[Sampler] = field(default_factory=list)
+    backends: list[Backend] = field(default_factory=list)
+    provider: dict[int, str] = field(default_factory=dict)  # id(item) -> plugin name
+
+    def add(self, attribute: str, item: Any, plugin_name: str) -> None:
+        getattr(self, attribute).append(item)
+        self.provider[id(item)] = plugin_name
+
+    def provided_by(self, item: Any) -> str:
+        return self.provider.get(id(item), "?")
+
+    def backend(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name:
+                return backend
+        raise BackendError(f"unknown backend {name!r} (installed: {_names(self.backends)})")
+
+    def sampler(self, name: str) -> Sampler:
+        for sampler in self.samplers:
+            if sampler.name == name:
+                return sampler
+        raise SamplingError(f"unknown sampler {name!r} (installed: {_names(self.samplers)})")
+
+    def loader_for(self, path: Path) -> ModelLoader:
+        for loader in self.loaders:
+            if loader.detect(path):
+                return loader
+        raise ModelNotFoundError(
+            f"no installed model loader recognises {path} (loaders: {_names(self.loaders)}; "
+            "expected a Hugging Face directory with config.json and *.safetensors, or a .gguf file)"
+        )
+
+    def architecture_for(self, config: ModelConfig, backend: str) -> Architecture:
+        for architecture in self.architectures:
+            if architecture.backend == backend and architecture.matches(config):
+                return architecture
+        wanted = config.model_type or ", ".join(config.architectures) or "unknown"
+        installed = ", ".join(
+            f"{a.name} ({a.backend}, plugin {self.provided_by(a)})" for a in self.architectures
+        ) or "none"
+        raise UnsupportedArchitectureError(
+            f"no installed plugin builds model type {wanted!r} for backend {backend!r} "
+            f"(installed architectures: {installed})"
+        )
+
+
+def _names(items: list[Any]) -> str:
+    return ", ".join(dict.fromkeys(item.name for item in items)) or "none"
+
+
+@lru_cache(maxsize=1)
+def get_plugin_manager() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager("influence")
+    manager.add_hookspecs(hookspecs)
+    _load_entry_points(manager)
+    return manager
+
+
+def _allowed_plugins() -> set[str] | None:
+    value = os.environ.get(LOAD_PLUGINS_ENV)
+    if value is None:
+        return None
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def _load_entry_points(manager: pluggy.PluginManager) -> None:
+    allowed = _allowed_plugins()
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and entry_point.name not in allowed:
+            continue
+        if manager.has_plugin(entry_point.name):
+            continue
+        try:
+            manager.register(entry_point.load(), name=entry_point.name)
+        except Exception as error:  # a broken plugin must not break the CLI
+            warn(f"plugin {entry_point.name!r} ({entry_point.value}) was skipped: it failed to load: "
+                 f"{type(error).__name__}: {error}")
+            continue
+        _warn_unknown_hooks(manager, entry_point.name)
+
+
+def _warn_unknown_hooks(manager: pluggy.PluginManager, name: str) -> None:
+    for caller in manager.get_hookcallers(manager.get_plugin(name)) or []:
+        if caller.spec is None:
+            warn(f"plugin {name!r} implements unknown hook {caller.name!r}, which is ignored")
+
+
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Register a plugin object (module or class with hookimpls) in this process."""
+    get_plugin_manager().register(plugin, name=name)
+    get_registry.cache_clear()
+
+
+def unregister_plugin(name: str) -> None:
+    get_plugin_manager().unregister(name=name)
+    get_registry.cache_clear()
+
+
+@lru_cache(maxsize=1)
+def get_registry() -> Registry:
+    manager = get_plugin_manager()
+    registry = Registry()
+    for hook_name, (item_type, attribute) in REGISTER_HOOKS.items():
+        for plugin_name, items in _call_register_hook(manager, hook_name, item_type):
+            for item in items:
+                registry.add(attribute, item, plugin_name)
+    return registry
+
+
+def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
+                        item_type: type) -> list[tuple[str, list[Any]]]:
+    """Call each implementation on its own, so one that raises is skipped without losing the rest.
+
+    Returns, in pluggy's call order, each plugin's registered items; a plugin's items are kept only
+    if its whole implementation succeeded.
+    """
+    results = []
+    caller = getattr(manager.hook, hook_name)
+    for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last of this list first
+        plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)
+        items: list[Any] = []
+        register: Callable[[Any], None] = items.append
+        try:
+            impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            wrong = [item for item in items if not isinstance(item, item_type)]
+            if wrong:
+                raise TypeError(f"{hook_name} got {wrong[0]!r}, expected a {item_type.__name__}")
+        except Exception as error:
+            warn(f"plugin {plugin_name!r} was skipped for {hook_name}: {type(error).__name__}: {error}")
+            continue
+        results.append((plugin_name, items))
+    return results
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Every loaded plugin: name, version, the hooks it implements and what it registered."""
+    manager = get_plugin_manager()
+    registry = get_registry()
+    distributions = {
+        ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist
+    }
+    infos = []
+    for name, plugin in manager.list_name_plugin():
+        dist = distributions.get(name)
+        hooks = sorted(caller.name for caller in manager.get_hookcallers(plugin) or [])
+        provides = []
+        for _, attribute in REGISTER_HOOKS.values():
+            for item in getattr(registry, attribute):
+                if registry.provided_by(item) == name:
+                    provides.append(f"{attribute[:-1]}:{item.name}")
+        infos.append(PluginInfo(name=name, version=dist.version if dist else None,
+                                distribution=dist.name if dist else None, hooks=hooks, provides=provides))
+    return infos

@@ -1,0 +1,117 @@
+"""Sampling parameters and the sampler chain the generation loop applies to each token's logits.
+
+Order (the same as transformers): repetition penalty, temperature, top-k, top-p, min-p, then one
+picker: argmax when the temperature is 0, otherwise a seeded draw from the softmax. A sampler named
+with ``--sampler`` replaces the picker if it is one, or runs after the built-in processors if not.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .config import GenerationDefaults
+from .errors import SamplingError
+from .interfaces import SamplingContext
+from .plugins import Registry
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """None means "the model's generation_config.json default, else off" (greedy for temperature)."""
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    sampler: str | None = None
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+    def with_defaults(self, defaults: GenerationDefaults) -> SamplingParams:
+        """Fill unset fields from the model's generation_config.json, as transformers would."""
+        sampling_default = bool(defaults.do_sample)
+        return replace(
+            self,
+            temperature=_first(self.temperature, defaults.temperature if sampling_default else None,
+                               1.0 if sampling_default else 0.0),
+            top_k=_first(self.top_k, defaults.top_k if sampling_default else None, 0),
+            top_p=_first(self.top_p, defaults.top_p if sampling_default else None, 1.0),
+            min_p=_first(self.min_p, defaults.min_p if sampling_default else None, 0.0),
+            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty, 1.0),
+        )
+
+    def validate(self) -> None:
+        if self.temperature is not None and self.temperature < 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _first(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
+
+
+class SamplerChain:
+    """Processors then a picker, with the seeded generator they share."""
+
+    def __init__(self, processors: list[Callable[..., Any]], picker: Callable[..., int], seed: int,
+                 device: str) -> None:
+        import torch
+
+        self.processors = processors
+        self.picker = picker
+        self.seed = seed
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: Any, token_ids: Any) -> int:
+        context = SamplingContext(token_ids=token_ids, generator=self.generator)
+        for process in self.processors:
+            logits = process(logits, context)
+        return self.picker(logits, context)
+
+
+def build_chain(params: SamplingParams, registry: Registry, device: str) -> SamplerChain:
+    """``params`` must already have defaults filled in (`SamplingParams.with_defaults`)."""
+    params.validate()
+
+    def create(name: str, **options: Any) -> Callable[..., Any]:
+        sampler = registry.sampler(name)
+        try:
+            return sampler.create(**options)
+        except TypeError as error:
+            raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: {error}") from None
+
+    processors = []
+    if params.repetition_penalty != 1.0:
+        processors.append(create("repetition_penalty", penalty=params.repetition_penalty))
+    greedy = params.temperature == 0
+    if not greedy:
+        if params.temperature != 1.0:
+            processors.append(create("temperature", temperature=params.temperature))
+        if params.top_k:
+            processors.append(create("top_k", k=params.top_k))
+        if params.top_p < 1.0:
+            processors.append(create("top_p", p=params.top_p))
+        if params.min_p > 0.0:
+            processors.append(create("min_p", p=params.min_p))
+    picker = create("argmax" if greedy else "sample")
+    if params.sampler:
+        chosen = create(params.sampler, **params.sampler_options)
+        if registry.sampler(params.sampler).kind == "picker":
+            picker = chosen
+        else:
+            processors.append(chosen)
+    elif params.sampler_options:
+        raise SamplingError("sampler options (-o) need --sampler NAME to say which sampler they are for")
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return SamplerChain(processors, picker, seed, device)

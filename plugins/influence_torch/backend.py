@@ -1,0 +1,72 @@
+"""The torch backend: picks the device and dtype, builds the architecture there and runs it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from influence_core.errors import BackendError, ContextLengthError
+from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
+
+
+class TorchRunner(Runner):
+    def __init__(self, model: Any, device: str, context_length: int) -> None:
+        self.model = model
+        self.device = device
+        self.context_length = context_length
+
+    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False) -> Any:
+        import torch
+
+        end = start_pos + len(token_ids)
+        if end > self.context_length:
+            raise ContextLengthError(f"position {end} is past the context length {self.context_length}")
+        with torch.inference_mode():
+            self.model.ensure_capacity(end)
+            tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, start_pos, last_only=not all_logits)
+        return logits[0] if all_logits else logits[0, -1]
+
+    def close(self) -> None:
+        self.model = None
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    devices = ("cpu", "cuda", "mps")
+    dtypes = ("float32", "bfloat16", "float16")
+    description = "PyTorch eager modules on CPU, CUDA or Apple MPS"
+
+    def available_devices(self) -> list[str]:
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+        if torch.backends.mps.is_available():
+            devices.append("mps")
+        return devices + ["cpu"]
+
+    def resolve_device(self, requested: str) -> str:
+        if requested.startswith("cuda") and not any(d.startswith("cuda") for d in self.available_devices()):
+            import torch
+
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise BackendError(f"--device {requested} was requested, but torch ({torch.__version__}, {build}) "
+                               "sees no CUDA device on this machine; use --device cpu")
+        if requested == "mps" and "mps" not in self.available_devices():
+            raise BackendError("--device mps was requested, but Apple's Metal (MPS) is not available here; "
+                               "use --device cpu")
+        return super().resolve_device(requested)
+
+    def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
+             options: dict[str, Any]) -> Runner:
+        import torch
+
+        unknown = set(options) - {"threads", "context_length"}
+        if unknown:
+            raise BackendError(f"backend 'torch' has no option {sorted(unknown)[0]!r} (options: threads, context_length)")
+        if options.get("threads"):
+            torch.set_num_threads(int(options["threads"]))
+        context_length = min(int(options.get("context_length") or source.config.context_length),
+                             source.config.context_length)
+        model = architecture.build(source.config, source.weights(), device, dtype)
+        return TorchRunner(model, device, context_length)

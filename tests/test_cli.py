@@ -1,0 +1,152 @@
+"""The command line: output modes, and one clear error line (no traceback) for each bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from influence_core.cli import run
+
+CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
+
+
+def influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, input=stdin, timeout=120)
+
+
+def invoke(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in-process (faster than a subprocess) and return (exit code, stdout, stderr)."""
+    try:
+        run(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys; from influence_core.cli import run\n"
+            "try: run(['--help'])\nexcept SystemExit: pass\n"
+            "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, 'heavy import at start-up'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "generate" in done.stdout
+    version = influence("--version")
+    assert version.returncode == 0 and version.stdout.startswith("influence ")
+
+
+def test_json_output_has_text_tokens_and_timings(capsys, tiny_model):
+    code, out, _ = invoke(capsys, "generate", "hello", "-p", str(tiny_model), "--max-tokens", "4", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["finish_reason"] in ("length", "eos") and 1 <= len(data["token_ids"]) <= 4
+    for key in ("text", "prompt_tokens", "generated_tokens", "time_to_first_token_s", "prefill_tokens_per_s",
+                "decode_tokens_per_s", "backend", "device", "dtype", "seed"):
+        assert key in data
+
+
+def test_streamed_and_unstreamed_text_agree_and_stats_go_to_stderr(capsys, tiny_model):
+    args = ("generate", "hello", "-p", str(tiny_model), "--max-tokens", "6", "--temperature", "0")
+    _, streamed, _ = invoke(capsys, *args)
+    _, whole, err = invoke(capsys, *args, "--no-stream", "--stats")
+    assert streamed == whole
+    assert "decode" in err and "tok/s" in err
+
+
+def test_prompt_from_stdin(tiny_model):
+    piped = influence("generate", "-", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw", stdin="hello")
+    direct = influence("generate", "hello", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw")
+    assert json.loads(piped.stdout)["token_ids"] == json.loads(direct.stdout)["token_ids"]
+
+
+def corrupt_copy(source, tmp_path, change):
+    target = tmp_path / "model"
+    shutil.copytree(source, target)
+    change(target)
+    return target
+
+
+def truncate_weights(directory):
+    path = next(directory.glob("*.safetensors"))
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def pickle_only(directory):
+    for path in directory.glob("*.safetensors"):
+        path.unlink()
+    (directory / "pytorch_model.bin").write_bytes(b"not really a pickle")
+
+
+def drop_tensor(directory):
+    from safetensors.torch import load_file, save_file
+
+    path = next(directory.glob("*.safetensors"))
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def bad_config(directory):
+    (directory / "config.json").write_text("{not json")
+
+
+def unknown_architecture(directory):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, message", [
+    (truncate_weights, "is not a valid safetensors file"),
+    (pickle_only, "refuses to unpickle"),
+    (drop_tensor, "lacks the tensor 'model.layers.1.mlp.up_proj.weight'"),
+    (bad_config, "config.json is not valid JSON"),
+    (unknown_architecture, "no installed plugin builds model type 'gpt_neox' for backend 'torch'"),
+])
+def test_broken_models_give_one_clear_line(capsys, tmp_path, tiny_model, change, message):
+    model = corrupt_copy(tiny_model, tmp_path, change)
+    code, out, err = invoke(capsys, "generate", "hi", "-p", str(model), "--max-tokens", "2")
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-path", "/no/such/model"], "does not exist"),
+    (["--backend", "tensorflow"], "unknown backend 'tensorflow'"),
+    (["--dtype", "int3"], "does not support dtype 'int3'"),
+    (["--device", "tpu"], "cannot run on 'tpu'"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-k", "-3"], "top_k must be >= 0"),
+    (["--sampler", "nope"], "unknown sampler 'nope'"),
+    (["--sampler", "top_k", "-o", "k", "0"], "top_k must be >= 1"),
+    (["-o", "k", "3"], "need --sampler"),
+    (["--max-tokens", "0"], "max_tokens must be >= 1"),
+])
+def test_bad_arguments_give_one_clear_line(capsys, tiny_model, args, message):
+    full = ["generate", "hi", "-p", str(tiny_model), *args]
+    if "--model-path" in args:
+        full = ["generate", "hi", *args]
+    code, _, err = invoke(capsys, *full)
+    assert code == 1
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_prompt_longer_than_the_context(capsys, tiny_model):
+    code, _, err = invoke(capsys, "generate", "hello world " * 200, "--raw", "-p", str(tiny_model))
+    assert code == 1 and "the context holds 256" in err and err.count("\n") == 1
+
+
+def test_cuda_on_a_machine_without_cuda(capsys, tiny_model):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = invoke(capsys, "generate", "hi", "-p", str(tiny_model), "--device", "cuda")
+    assert code == 1 and "sees no CUDA device" in err and err.count("\n") == 1

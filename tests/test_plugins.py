@@ -1,0 +1,121 @@
+"""Plugins installed the way third parties install them: through the ``influence`` entry-point group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from influence_core import hookimpl
+from influence_core.plugins import get_registry
+
+INFLUENCE = [sys.executable, "-c", "from influence_core.cli import run; run()"]
+
+THIRD_PARTY = '''
+from influence_core import hookimpl
+from influence_core.interfaces import Sampler
+
+@hookimpl
+def register_samplers(register):
+    def create(offset=1):
+        return lambda logits, context: (int(logits.argmax()) + int(offset)) % logits.shape[-1]
+    register(Sampler("shift", "picker", create, "argmax plus OFFSET"))
+'''
+
+
+def install_fake_distribution(site: Path, name: str, version: str, module: str, source: str) -> None:
+    """What pip leaves behind: the module plus a dist-info with METADATA and entry_points.txt."""
+    (site / f"{module}.py").write_text(textwrap.dedent(source))
+    dist_info = site / f"{module}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (dist_info / "entry_points.txt").write_text(f"[influence]\n{name} = {module}\n")
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    install_fake_distribution(site, "shift-sampler", "1.2.3", "shift_sampler", THIRD_PARTY)
+    return site
+
+
+def influence(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(site), **env}
+    return subprocess.run([*INFLUENCE, *args], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_an_installed_third_party_plugin_is_listed_and_usable(site, tiny_model):
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0, listing.stderr
+    plugins = {p["name"]: p for p in json.loads(listing.stdout)}
+    assert plugins["shift-sampler"]["version"] == "1.2.3"
+    assert plugins["shift-sampler"]["hooks"] == ["register_samplers"]
+    assert "sampler:shift" in plugins["shift-sampler"]["provides"]
+    assert {"torch", "samplers", "safetensors"} <= set(plugins)
+
+    args = ["generate", "--raw", "hello", "-p", str(tiny_model), "--max-tokens", "1", "--json"]
+    greedy = json.loads(influence(site, *args, "--temperature", "0").stdout)["token_ids"][0]
+    shifted = influence(site, *args, "--sampler", "shift", "-o", "offset", "5")
+    assert shifted.returncode == 0, shifted.stderr
+    assert json.loads(shifted.stdout)["token_ids"][0] == (greedy + 5) % 400
+
+
+def test_a_plugin_that_fails_to_import_is_skipped_with_one_warning(site, tiny_model):
+    install_fake_distribution(site, "broken", "0.1", "broken_plugin", "raise RuntimeError('boom at import')\n")
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0
+    assert "broken" not in {p["name"] for p in json.loads(listing.stdout)}
+    warnings = [line for line in listing.stderr.splitlines() if "broken" in line]
+    assert len(warnings) == 1 and "boom at import" in warnings[0] and "Traceback" not in listing.stderr
+
+    run = influence(site, "generate", "hi", "-p", str(tiny_model), "--max-tokens", "2")
+    assert run.returncode == 0, run.stderr
+
+
+def test_a_plugin_that_raises_while_registering_is_skipped(site):
+    install_fake_distribution(site, "raiser", "0.1", "raiser_plugin", '''
+        from influence_core import hookimpl
+        @hookimpl
+        def register_samplers(register):
+            register(object())  # not a Sampler
+    ''')
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0
+    assert "raiser" in listing.stderr and "expected a Sampler" in listing.stderr
+    assert "sampler:shift" in {s for p in json.loads(listing.stdout) for s in p["provides"]}
+
+
+def test_influence_load_plugins_restricts_what_loads(site):
+    only = influence(site, "plugins", "--json", INFLUENCE_LOAD_PLUGINS="samplers,shift-sampler")
+    assert {p["name"] for p in json.loads(only.stdout)} == {"samplers", "shift-sampler"}
+    none = influence(site, "plugins", "--json", INFLUENCE_LOAD_PLUGINS="")
+    assert json.loads(none.stdout) == []
+
+
+def test_without_the_torch_plugin_the_backend_is_a_clear_error(site, tiny_model):
+    run = influence(site, "generate", "hi", "-p", str(tiny_model), INFLUENCE_LOAD_PLUGINS="samplers,safetensors")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "error: unknown backend 'torch' (installed: none)"
+
+
+class Reloaded:
+    calls = 0
+
+    @staticmethod
+    @hookimpl
+    def register_samplers(register):
+        Reloaded.calls += 1
+
+
+def test_registering_in_process_rebuilds_the_registry(plugin):
+    get_registry()
+    plugin(Reloaded, "reloaded")
+    get_registry()
+    get_registry()
+    assert Reloaded.calls == 1

@@ -19,6 +19,7 @@ from .generation import CacheState, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import get_registry
 from .sampling import SamplingParams, build_chain
+from .store import DEFAULT_MODEL, convert_into_store, resolve_default_model
 
 Prompt = str | list[dict[str, str]] | list[int]
 
@@ -31,9 +32,18 @@ def open_source(model: str | Path) -> ModelSource:
     return get_registry().loader_for(path).load(path)
 
 
-def load(model: str | Path | ModelSource, *, backend: str = "torch", device: str = "auto",
+def open_default_model() -> ModelSource:
+    """The default model, converted once from the wheel's GGUF into the store so later runs load fast."""
+    source = open_source(resolve_default_model())
+    if source.hf_directory is None:
+        source = open_source(convert_into_store(source, DEFAULT_MODEL.name))
+    return source
+
+
+def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
          dtype: str = "auto", threads: int | None = None, context_length: int | None = None) -> Model:
-    """Load ``model`` (a path, or an opened `ModelSource`) onto a backend and device.
+    """Load ``model`` (a path, an opened `ModelSource`, or None for the default model) onto a
+    backend and device.
 
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context.
@@ -41,7 +51,10 @@ def load(model: str | Path | ModelSource, *, backend: str = "torch", device: str
     started = time.perf_counter()
     registry = get_registry()
     engine = registry.backend(backend)
-    source = model if isinstance(model, ModelSource) else open_source(model)
+    if model is None:
+        source = open_default_model()
+    else:
+        source = model if isinstance(model, ModelSource) else open_source(model)
     resolved_device = engine.resolve_device(device)
     resolved_dtype = engine.resolve_dtype(dtype, resolved_device)
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None

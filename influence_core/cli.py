@@ -14,16 +14,18 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import InfluenceError
+from .errors import ContextLengthError, InfluenceError
+from .store import DEFAULT_MODEL
 
 app = typer.Typer(
     help="Influence: run large language models locally, with plugins for formats, architectures, "
-         "samplers and backends.",
+         f"samplers and backends. Default model: {DEFAULT_MODEL.title}.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 
 ModelPathOption = Annotated[Optional[Path], typer.Option(
-    "--model-path", "-p", help="A model: a Hugging Face directory (config.json, tokenizer.json, *.safetensors).")]
+    "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
+                               f"Default: {DEFAULT_MODEL.title}.")]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
@@ -46,8 +48,6 @@ def _load(model_path: Optional[Path], backend: str, device: str, dtype: str, thr
           context_length: Optional[int] = None):
     from .api import load
 
-    if model_path is None:
-        raise InfluenceError("no model given: pass --model-path DIR")
     return load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
                 context_length=context_length)
 
@@ -132,11 +132,77 @@ def generate(
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     if stats:
-        s = result.stats
-        print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
-              f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
-              f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
-              f"finish: {result.finish_reason} | {model.backend} {model.device} {model.dtype}", file=sys.stderr)
+        _print_stats(result, model)
+
+
+def _print_stats(result, model) -> None:
+    s = result.stats
+    print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
+          f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
+          f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
+          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.dtype}", file=sys.stderr)
+
+
+@app.command()
+def chat(
+    model_path: ModelPathOption = None,
+    backend: BackendOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message starting the conversation.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 512,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy. Default: the model's, else 0.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the K most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below P x the top probability.")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeating tokens.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
+) -> None:
+    """Chat with a model, turn by turn. /reset forgets the conversation; /exit or Ctrl-D quits."""
+    model = _load(model_path, backend, device, dtype, threads)
+    if not model.tokenizer.chat_template:
+        raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
+    interactive = sys.stdin.isatty()
+    print(f"Chatting with {model.source.path.name} ({model.backend}, {model.device}, {model.dtype}). "
+          "/reset forgets the conversation; /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        command = line.strip()
+        if command == "/exit":
+            break
+        if command == "/reset":
+            messages = list(opening)
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            # The KV cache still holds the conversation so far, so only the new turn is prefilled.
+            stream = model.stream(messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except ContextLengthError as error:
+            messages.pop()
+            print(f"\nerror: {error}; /reset starts a new conversation", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            messages.pop()
+            print("\n(reply interrupted)", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": stream.result.text})
+        if stats:
+            _print_stats(stream.result, model)
 
 
 @app.command()
@@ -157,9 +223,42 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     Console().print(table)
 
 
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A model in any format a loader reads, e.g. MODEL.gguf.")],
+    out_dir: Annotated[Path, typer.Argument(help="The Hugging Face directory to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+) -> None:
+    """Write a model as a standard Hugging Face directory (config, tokenizer, safetensors weights)."""
+    from .api import open_source
+    from .store import write_hf_directory
+
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise InfluenceError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    model = open_source(source)
+    write_hf_directory(model, out_dir, progress=True)
+    print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
+          "safetensors weights)")
+
+
+_plugin_commands_added = False
+
+
+def _add_plugin_commands() -> None:
+    """Let plugins add subcommands (`register_commands`); one that fails is skipped with a warning."""
+    global _plugin_commands_added
+    if _plugin_commands_added:
+        return
+    _plugin_commands_added = True
+    from .plugins import call_each_implementation
+
+    call_each_implementation("register_commands", cli=app)
+
+
 def run(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning errors into one line and a non-zero exit."""
     try:
+        _add_plugin_commands()
         app(args=_join_option_pairs(sys.argv[1:] if argv is None else argv), prog_name="influence")
     except InfluenceError as error:
         print(f"error: {error}", file=sys.stderr)

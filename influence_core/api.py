@@ -41,12 +41,14 @@ def open_default_model() -> ModelSource:
 
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
-         dtype: str = "auto", threads: int | None = None, context_length: int | None = None) -> Model:
+         dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
+         max_batch: int | None = None) -> Model:
     """Load ``model`` (a path, an opened `ModelSource`, or None for the default model) onto a
     backend and device.
 
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
-    GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context.
+    GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
+    ``max_batch`` is how many sequences may decode together (serving).
     """
     started = time.perf_counter()
     registry = get_registry()
@@ -59,7 +61,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     resolved_dtype = engine.resolve_dtype(dtype, resolved_device)
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
-               {"threads": threads, "context_length": context_length}.items() if value is not None}
+               {"threads": threads, "context_length": context_length, "max_batch": max_batch}.items()
+               if value is not None}
     runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)

@@ -12,6 +12,7 @@ matmuls: norms are one fused call, and RoPE rotates q and k together in three op
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,23 +63,47 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+@dataclass
+@dataclass
+class Step:
+    """Where one forward call's tokens sit: batch row i is cache slot ``first_slot + i``.
+
+    Either every row starts at ``start`` (prefill, single-sequence decode), or each row holds one
+    token at its own position ``row_positions[i]`` (batched decode of independent sequences).
+    """
+
+    first_slot: int
+    start: int
+    end: int  # one past the last position any row reaches
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    row_positions: torch.Tensor | None = None
+
+
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+    def __init__(self, slots: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, capacity, head_dim)
+        shape = (slots, n_kv_heads, capacity, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
+    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values; return the rows' caches up to the step's end."""
+        rows = slice(step.first_slot, step.first_slot + k.shape[0])
+        if step.row_positions is None:
+            self.k[rows, :, step.start:step.start + k.shape[2]] = k
+            self.v[rows, :, step.start:step.start + k.shape[2]] = v
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            self.k[rows][batch, :, step.row_positions] = k[:, :, 0]
+            self.v[rows][batch, :, step.row_positions] = v[:, :, 0]
+        return self.k[rows, :, :step.end], self.v[rows, :, :step.end]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def copy_slot(self, source: int, target: int) -> None:
+        self.k[target] = self.k[source]
+        self.v[target] = self.v[source]
 
 
 class Attention(nn.Module):
@@ -92,18 +117,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.wqkv(x).view(batch, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         # The cache's dtype is the attention dtype (float32 on CPU, where bfloat16 attention is slow).
         qkv = qkv.to(self.kv_cache.k.dtype)
-        rotated = apply_rope(qkv[:, :, :self.n_heads + self.n_kv_heads], cos, sin).transpose(1, 2)
+        rotated = apply_rope(qkv[:, :, :self.n_heads + self.n_kv_heads], step.cos, step.sin).transpose(1, 2)
         q, k = rotated.split([self.n_heads, self.n_kv_heads], dim=1)
         v = qkv[:, :, self.n_heads + self.n_kv_heads:].transpose(1, 2)
-        k, v = self.kv_cache.update(start, k, v)
+        k, v = self.kv_cache.update(step, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
+            q, k, v, attn_mask=step.mask, is_causal=step.mask is None and length > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
         return self.wo(y.transpose(1, 2).reshape(batch, length, -1).to(x.dtype))
@@ -128,15 +152,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, start, mask)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), step)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """The causal-LM interface the torch backend drives: `ensure_capacity(n)` sizes the KV cache,
-    `forward(tokens, start, last_only)` returns float32 logits."""
+    """The causal-LM interface the torch backend drives: `ensure_capacity` sizes the KV cache,
+    `forward` returns float32 logits, `copy_slot` moves a sequence between cache slots."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -151,24 +174,26 @@ class Llama(nn.Module):
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
-    @property
-    def capacity(self) -> int:
+    def cache_shape(self) -> tuple[int, int]:
+        """(slots, positions) the KV cache holds now."""
         cache = self.layers[0].attention.kv_cache
-        return 0 if cache is None else cache.capacity
+        return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
-    def ensure_capacity(self, length: int, batch: int = 1) -> None:
-        """Grow the KV cache (keeping its contents) and RoPE tables to hold ``length`` positions."""
-        old = self.capacity
-        if length <= old:
+    def ensure_capacity(self, length: int, slots: int = 1) -> None:
+        """Grow the KV cache, keeping its contents, to hold ``length`` positions in each of
+        ``slots`` independent sequences; RoPE tables grow with it."""
+        old_slots, old_length = self.cache_shape()
+        if length <= old_length and slots <= old_slots:
             return
-        capacity = min(max(length, 2 * old, 256), self.config.context_length)
+        capacity = max(old_length, min(max(length, 2 * old_length, 256), self.config.context_length))
+        slots = max(slots, old_slots)
         device = self.embed_tokens.device
         for layer in self.layers:
             attention = layer.attention
-            cache = KVCache(batch, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
+            cache = KVCache(slots, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
             if attention.kv_cache is not None:
-                cache.k[:, :, :old] = attention.kv_cache.k
-                cache.v[:, :, :old] = attention.kv_cache.v
+                cache.k[:old_slots, :, :old_length] = attention.kv_cache.k
+                cache.v[:old_slots, :, :old_length] = attention.kv_cache.v
             attention.kv_cache = cache
         positions = torch.arange(capacity, dtype=torch.float32, device=device)
         angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(device))
@@ -177,17 +202,35 @@ class Llama(nn.Module):
         sin = angles.sin()
         self.rope_sin = torch.cat((-sin, sin), dim=-1)[:, None].to(self.attention_dtype)
 
-    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
-        length = tokens.shape[1]
-        end = start + length
-        x = F.embedding(tokens, self.embed_tokens)
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
-        mask = None
-        if length > 1 and start > 0:
-            # Query i (at position start + i) sees every cached position up to its own.
-            mask = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+    def copy_slot(self, source: int, target: int) -> None:
         for layer in self.layers:
-            x = layer(x, cos, sin, start, mask)
+            layer.attention.kv_cache.copy_slot(source, target)
+
+    def step(self, length: int, start: int | list[int], first_slot: int) -> Step:
+        device = self.embed_tokens.device
+        if isinstance(start, int):
+            end = start + length
+            mask = None
+            if length > 1 and start > 0:
+                # Query i (at position start + i) sees every cached position up to its own.
+                mask = torch.ones(length, end, dtype=torch.bool, device=device).tril(diagonal=start)
+            return Step(first_slot, start, end, self.rope_cos[start:end], self.rope_sin[start:end], mask)
+        positions = torch.tensor(start, device=device)
+        end = max(start) + 1
+        # Row i sees its own sequence's cache up to its own position, and nothing past it.
+        mask = (torch.arange(end, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+        return Step(first_slot, 0, end, self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask,
+                    row_positions=positions)
+
+    def forward(self, tokens: torch.Tensor, start: int | list[int], last_only: bool = True,
+                first_slot: int = 0) -> torch.Tensor:
+        """Logits for ``tokens`` [batch, length] in cache slots ``first_slot...``. ``start`` is one
+        position shared by every row, or a list with each row's position when each row decodes one
+        token of its own sequence."""
+        step = self.step(tokens.shape[1], start, first_slot)
+        x = F.embedding(tokens, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, step)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceError, ModelNotFoundError
-from .generation import CacheState, GenerationResult, TextStream
+from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import get_registry
 from .sampling import SamplingParams, build_chain
@@ -105,12 +105,12 @@ class Model:
             messages.insert(0, {"role": "system", "content": system})
         return tokenizer.encode_chat(messages)
 
-    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (), raw: bool = False,
-               system: str | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
-               seed: int | None = None, sampler: str | None = None,
-               sampler_options: dict[str, Any] | None = None) -> TextStream:
-        """Start generating; iterate the result for text pieces, then read its ``result``.
+    def new_generation(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+                       raw: bool = False, system: str | None = None, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                       repetition_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,
+                       sampler_options: dict[str, Any] | None = None) -> Generation:
+        """Tokenize and set up one generation (sampler chain, limits) without running it.
 
         Sampling options left as None take the model's generation_config.json defaults, and
         without those the output is greedy."""
@@ -124,8 +124,13 @@ class Model:
         chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device)
         prompt_ids = self.encode_prompt(prompt, raw=raw, system=system)
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        return TextStream(self.runner, self.tokenizer, self.cache, prompt_ids, chain, max_tokens, stop,
-                          sorted(eos), requested_at=requested_at)
+        return Generation(self.tokenizer, prompt_ids, chain, max_tokens, stop, sorted(eos),
+                          self.runner.context_length, self.runner.device, requested_at=requested_at)
+
+    def stream(self, prompt: Prompt, **options: Any) -> TextStream:
+        """Start generating (options as `new_generation`); iterate the result for text pieces, then
+        read its ``result``."""
+        return TextStream(self.runner, self.cache, self.new_generation(prompt, **options))
 
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
         """Generate to the end and return the text, token ids, finish reason and timings."""
@@ -133,6 +138,21 @@ class Model:
         for _ in stream:
             pass
         return stream.result
+
+    def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[GenerationResult]:
+        """Generate for several prompts at once: they decode together, up to ``max_batch`` at a
+        time (see `load`), each stopping on its own. Results come back in prompt order."""
+        from .engine import BatchEngine
+
+        generations = [self.new_generation(prompt, **options) for prompt in prompts]
+        engine = BatchEngine(self.runner, max_queue=len(generations))
+        jobs = [engine.submit(generation) for generation in generations]
+        self.cache.token_ids = []  # the batch overwrites slot 0
+        engine.run_until_idle()
+        failed = next((job.error for job in jobs if job.error), None)
+        if failed:
+            raise InfluenceError(failed)
+        return [job.result for job in jobs]
 
     def logits(self, token_ids: Sequence[int]) -> Any:
         """Float32 logits for every position of ``token_ids`` from an empty cache: [len, vocab]."""

@@ -83,7 +83,7 @@ def _sampler_options(pairs: list[str]) -> dict:
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads it from stdin.")] = None,
     model_path: ModelPathOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
@@ -105,16 +105,23 @@ def generate(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after the text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and timings.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
+    max_batch: Annotated[int, typer.Option(help="With --prompts-file: most prompts decoding together.")] = 8,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
+    options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                   sampler=sampler, sampler_options=_sampler_options(option or []))
+    if prompts_file is not None:
+        _generate_batch(prompts_file, model_path, backend, device, dtype, threads, max_batch, options)
+        return
+    if prompt is None:
+        raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = sys.stdin.read()
     model = _load(model_path, backend, device, dtype, threads)
-    stream = model.stream(
-        prompt, max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        sampler=sampler, sampler_options=_sampler_options(option or []),
-    )
+    stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
         if streaming:
@@ -133,6 +140,22 @@ def generate(
     sys.stdout.write("\n")
     if stats:
         _print_stats(result, model)
+
+
+def _generate_batch(prompts_file: Path, model_path, backend, device, dtype, threads, max_batch, options) -> None:
+    try:
+        prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise InfluenceError(f"cannot read {prompts_file}: {error.strerror}") from None
+    if not prompts:
+        raise InfluenceError(f"{prompts_file} has no prompts (one per line)")
+    from .api import load
+
+    model = load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
+                 max_batch=min(max_batch, len(prompts)))
+    for prompt, result in zip(prompts, model.generate_batch(prompts, **options)):
+        print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, **result.stats.as_dict()}, ensure_ascii=False))
 
 
 def _print_stats(result, model) -> None:

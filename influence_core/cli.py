@@ -229,6 +229,31 @@ def chat(
 
 
 @app.command()
+def serve(
+    model_path: ModelPathOption = None,
+    backend: BackendOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoding together (KV cache slots).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
+    name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
+    from .api import load
+    from .server import serve as run_server
+    from .store import DEFAULT_MODEL
+
+    model = load(model_path, backend=backend, device=device, dtype=dtype, threads=threads, max_batch=max_batch)
+    model_name = name or (DEFAULT_MODEL.name if model_path is None else model.source.path.stem)
+    print(f"influence: serving {model_name} ({model.backend}, {model.device}, {model.dtype}) on "
+          f"http://{host}:{port}/v1", file=sys.stderr)
+    run_server(model, model_name, host, port, max_queue)
+
+
+@app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the installed plugins, their versions, hooks and what they register."""
     from .plugins import list_plugins

@@ -64,6 +64,16 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
+@dataclass(frozen=True)
+class LlamaVariant:
+    """How a Llama-family architecture departs from Llama itself (Qwen2: biases on q/k/v only;
+    Mistral: sliding-window attention). Architecture plugins pass one to `build_llama`."""
+
+    qkv_bias: bool | None = None  # None: config.attention_bias
+    output_bias: bool | None = None  # bias on the attention output projection; None: config.attention_bias
+    sliding_window: int | None = None  # attend to at most this many most recent positions
+
+
 @dataclass
 class Step:
     """Where one forward call's tokens sit: batch row i is cache slot ``first_slot + i``.
@@ -75,6 +85,7 @@ class Step:
     first_slot: int
     start: int
     end: int  # one past the last position any row reaches
+    first_key: int  # the oldest cached position any query can see (sliding-window attention)
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
@@ -99,22 +110,27 @@ class KVCache(nn.Module):
             batch = torch.arange(k.shape[0], device=k.device)
             self.k[rows][batch, :, step.row_positions] = k[:, :, 0]
             self.v[rows][batch, :, step.row_positions] = v[:, :, 0]
-        return self.k[rows, :, :step.end], self.v[rows, :, :step.end]
+        return self.k[rows, :, step.first_key:step.end], self.v[rows, :, step.first_key:step.end]
 
     def copy_slot(self, source: int, target: int) -> None:
         self.k[target] = self.k[source]
         self.v[target] = self.v[source]
 
 
+def _pick(choice: bool | None, default: bool) -> bool:
+    return default if choice is None else choice
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant) -> None:
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.wqkv = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
-                              bias=config.attention_bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+                              bias=_pick(variant.qkv_bias, config.attention_bias))
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size,
+                            bias=_pick(variant.output_bias, config.attention_bias))
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
@@ -145,10 +161,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, variant)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
@@ -161,13 +177,14 @@ class Llama(nn.Module):
     """The causal-LM interface the torch backend drives: `ensure_capacity` sizes the KV cache,
     `forward` returns float32 logits, `copy_slot` moves a sequence between cache slots."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant = LlamaVariant()) -> None:
         super().__init__()
         self.config = config
+        self.variant = variant
         # A bare parameter rather than nn.Embedding, whose random init would run (and import
         # torch._dynamo, a second of start-up) even on the meta device.
         self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, variant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention_dtype = torch.float32
@@ -208,19 +225,30 @@ class Llama(nn.Module):
 
     def step(self, length: int, start: int | list[int], first_slot: int) -> Step:
         device = self.embed_tokens.device
+        window = self.variant.sliding_window
         if isinstance(start, int):
             end = start + length
+            # With a sliding window, keys older than the first query's window are never read.
+            first_key = max(0, start - window + 1) if window else 0
             mask = None
-            if length > 1 and start > 0:
-                # Query i (at position start + i) sees every cached position up to its own.
-                mask = torch.ones(length, end, dtype=torch.bool, device=device).tril(diagonal=start)
-            return Step(first_slot, start, end, self.rope_cos[start:end], self.rope_sin[start:end], mask)
+            if length > 1 and (start > 0 or (window and length > window)):
+                mask = self.visible_keys(torch.arange(start, end, device=device)[:, None], first_key, end)
+            return Step(first_slot, start, end, first_key, self.rope_cos[start:end], self.rope_sin[start:end], mask)
         positions = torch.tensor(start, device=device)
         end = max(start) + 1
-        # Row i sees its own sequence's cache up to its own position, and nothing past it.
-        mask = (torch.arange(end, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-        return Step(first_slot, 0, end, self.rope_cos[positions][:, None], self.rope_sin[positions][:, None], mask,
-                    row_positions=positions)
+        first_key = max(0, min(start) - window + 1) if window else 0
+        # Each row decodes its own sequence: it sees its own cache up to its own position only.
+        mask = self.visible_keys(positions[:, None], first_key, end)[:, None, None, :]
+        return Step(first_slot, 0, end, first_key, self.rope_cos[positions][:, None],
+                    self.rope_sin[positions][:, None], mask, row_positions=positions)
+
+    def visible_keys(self, queries: torch.Tensor, first_key: int, end: int) -> torch.Tensor:
+        """Which cached positions ``first_key..end-1`` each query position may attend to."""
+        keys = torch.arange(first_key, end, device=queries.device)[None, :]
+        visible = keys <= queries
+        if self.variant.sliding_window:
+            visible &= keys > queries - self.variant.sliding_window
+        return visible
 
     def forward(self, tokens: torch.Tensor, start: int | list[int], last_only: bool = True,
                 first_slot: int = 0) -> torch.Tensor:
@@ -236,12 +264,13 @@ class Llama(nn.Module):
         return self.output(self.norm(x)).float()
 
 
-def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str) -> Llama:
+def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
+                variant: LlamaVariant = LlamaVariant()) -> Llama:
     """Create the module without allocating, then move each checkpoint tensor straight into place,
     converting each layer's linears to ``dtype``'s fast format before reading the next layer."""
     compute_dtype = activation_dtype(dtype)
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(config, variant)
 
     def take(name: str) -> torch.Tensor:
         if name not in weights:
@@ -272,8 +301,9 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str) 
             "feed_forward.w13.weight": fused([name + ".weight" for name in gate_up]),
             "feed_forward.w2.weight": take(hf + "mlp.down_proj.weight"),
         }
-        if config.attention_bias:
+        if _pick(variant.qkv_bias, config.attention_bias):
             state["attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
+        if _pick(variant.output_bias, config.attention_bias):
             state["attention.wo.bias"] = take(hf + "self_attn.o_proj.bias")
         if config.mlp_bias:
             state["feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])

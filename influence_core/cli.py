@@ -241,6 +241,29 @@ def convert(
           "safetensors weights)")
 
 
+@app.command()
+def download(
+    model_name: Annotated[str, typer.Option("--model", "-m", help="The Hugging Face repo, ORG/NAME.")],
+    revision: Annotated[Optional[str], typer.Option(help="A branch, tag or commit. Default: main.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(
+        help="Also download the repo files matching this glob; repeatable.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Skip the repo files matching this glob; repeatable.")] = None,
+    gguf_file: Annotated[Optional[str], typer.Option(
+        "--file", help="Download this GGUF file instead of the safetensors weights.")] = None,
+) -> None:
+    """Download a model from the Hugging Face hub into the store.
+
+    Fetches config, tokenizer, and safetensors weights (or one GGUF file), never pickle weights;
+    an interrupted download resumes when run again. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are
+    honoured.
+    """
+    from .hub import download as download_model
+
+    print(download_model(model_name, revision=revision, include=include or (), exclude=exclude or (),
+                         gguf_file=gguf_file))
+
+
 _plugin_commands_added = False
 
 

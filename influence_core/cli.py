@@ -26,6 +26,10 @@ app = typer.Typer(
 ModelPathOption = Annotated[Optional[Path], typer.Option(
     "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
                                f"Default: {DEFAULT_MODEL.title}.")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
+                          "first use), a name in the store, or an alias; see `influence models list`. "
+                          "Without -m or -p: the default model (`influence models default`).")]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
@@ -45,11 +49,13 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version_ca
 
 
 def _load(model_path: Optional[Path], backend: str, device: str, dtype: str, threads: Optional[int] = None,
-          context_length: Optional[int] = None):
+          context_length: Optional[int] = None, model_name: Optional[str] = None):
     from .api import load
 
-    return load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
-                context_length=context_length)
+    if model_path is not None and model_name is not None:
+        raise InfluenceError("give -m/--model or -p/--model-path, not both")
+    return load(model_name if model_name is not None else model_path, backend=backend, device=device,
+                dtype=dtype, threads=threads, context_length=context_length)
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -85,6 +91,7 @@ def _sampler_options(pairs: list[str]) -> dict:
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -109,7 +116,7 @@ def generate(
     """Generate text from a prompt, streaming it as it comes."""
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = _load(model_path, backend, device, dtype, threads)
+    model = _load(model_path, backend, device, dtype, threads, model_name=model_name)
     stream = model.stream(
         prompt, max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -146,6 +153,7 @@ def _print_stats(result, model) -> None:
 @app.command()
 def chat(
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -161,7 +169,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
 ) -> None:
     """Chat with a model, turn by turn. /reset forgets the conversation; /exit or Ctrl-D quits."""
-    model = _load(model_path, backend, device, dtype, threads)
+    model = _load(model_path, backend, device, dtype, threads, model_name=model_name)
     if not model.tokenizer.chat_template:
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
     opening = [{"role": "system", "content": system}] if system else []
@@ -262,6 +270,74 @@ def download(
 
     print(download_model(model_name, revision=revision, include=include or (), exclude=exclude or (),
                          gguf_file=gguf_file))
+
+
+ModelNameArgument = Annotated[str, typer.Argument(help="A model name, as `influence models list` shows it.")]
+models_app = typer.Typer(help="The local model store: list, remove, alias, and choose the default model.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the models in the store; * marks the default."""
+    from .catalog import list_models
+    from .hub import format_size
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([model.as_dict() for model in models], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    for column in ("architecture", "parameters", "format", "size", "source"):
+        table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
+    for model in models:
+        name = ("* " if model.default else "") + model.name
+        if model.aliases:
+            name += f" ({', '.join(model.aliases)})"
+        table.add_row(name, model.architecture or "?", _format_parameters(model.parameters),
+                      " ".join(filter(None, (model.format, model.quantization))), format_size(model.size_bytes),
+                      model.source)
+    Console().print(table)
+
+
+def _format_parameters(parameters: Optional[int]) -> str:
+    if parameters is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{suffix}"
+    return str(parameters)
+
+
+@models_app.command("rm")
+def models_rm(name: ModelNameArgument) -> None:
+    """Remove a model from the store (and its aliases)."""
+    from .catalog import remove_model
+
+    print(f"removed {remove_model(name)}")
+
+
+@models_app.command("alias")
+def models_alias(name: ModelNameArgument, alias: Annotated[str, typer.Argument(help="Another name for it.")]) -> None:
+    """Give a model another name, usable wherever a model name is."""
+    from .catalog import add_alias
+
+    add_alias(name, alias)
+    print(f"{alias} now names {name}")
+
+
+@models_app.command("default")
+def models_default(name: ModelNameArgument) -> None:
+    """Choose the model used when a command is given none."""
+    from .catalog import set_default
+
+    set_default(name)
+    print(f"the default model is now {name}")
 
 
 _plugin_commands_added = False

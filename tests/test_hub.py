@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +11,11 @@ from pathlib import Path
 import pytest
 from fake_hub import TOKEN
 
+import influence_core as influence
 from influence_core import store
 from influence_core.cli import run
+
+CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
 
 
 def invoke(capsys, *args: str) -> tuple[int, str, str]:
@@ -50,12 +55,27 @@ def test_help_does_not_import_huggingface_hub():
     assert done.returncode == 0, done.stderr
 
 
+def test_first_use_downloads_then_later_runs_stay_offline(capsys, hub, tiny_repo, tiny_model):
+    args = ("hello", "--max-tokens", "4", "--temperature", "0", "--json")
+    code, out, err = invoke(capsys, "generate", *args, "-m", "org/tiny")
+    assert code == 0, err
+    assert "downloading org/tiny" in err
+    expected = json.loads(invoke(capsys, "generate", *args, "-p", str(tiny_model))[1])
+    assert json.loads(out)["token_ids"] == expected["token_ids"]
+
+    hub.requests.clear()
+    assert invoke(capsys, "generate", *args, "-m", "org/tiny")[0] == 0
+    model = influence.load("org/tiny")
+    assert model.source.path == store.models_dir() / "org--tiny"
+    assert hub.requests == []
+
+
 def test_download_fetches_what_a_model_needs_and_records_where_from(capsys, hub, tiny_repo, tiny_model):
     code, out, err = invoke(capsys, "download", "-m", "org/tiny")
     assert code == 0, err
     directory = store.models_dir() / "org--tiny"
     assert out.strip() == str(directory)
-    expected = {name: data for name, data in model_files(tiny_model).items()}
+    expected = model_files(tiny_model)
     assert model_files(directory) == {**expected, store.MANIFEST: (directory / store.MANIFEST).read_bytes()}
     manifest = store.read_manifest(directory)
     assert manifest["repo"] == "org/tiny" and manifest["revision"] == "main" and manifest["commit"] == tiny_repo.sha
@@ -84,7 +104,7 @@ def test_download_a_chosen_gguf_file(capsys, hub):
     assert code == 0, err
     directory = Path(out.strip())
     assert sorted(model_files(directory)) == [store.MANIFEST, "tiny.Q8_0.gguf"]
-    assert store.read_manifest(directory)["gguf_file"] == "tiny.Q8_0.gguf"
+    assert store.loadable_path(directory) == directory / "tiny.Q8_0.gguf"
 
 
 def test_an_interrupted_download_resumes_with_a_range_request(capsys, hub, tiny_repo, monkeypatch):
@@ -109,9 +129,10 @@ def test_an_interrupted_download_resumes_with_a_range_request(capsys, hub, tiny_
 
 
 def test_a_missing_repo(capsys, hub):
-    code, _, err = invoke(capsys, "download", "-m", "org/missing")
-    assert_one_error_line(code, err, f"org/missing was not found on {hub.url}")
-    assert err.count("\n") == 1  # nothing announced: the hub said no before anything started
+    for args in (["download", "-m", "org/missing"], ["generate", "hi", "-m", "org/missing"]):
+        code, _, err = invoke(capsys, *args)
+        assert_one_error_line(code, err, f"org/missing was not found on {hub.url}")
+        assert err.count("\n") == 1  # nothing announced: the hub said no before anything started
 
 
 def test_a_gated_repo_needs_hf_token(capsys, hub, tiny_model, monkeypatch):
@@ -152,3 +173,21 @@ def test_a_pickle_only_repo_is_refused_before_downloading(capsys, hub, tiny_mode
     assert_one_error_line(code, err, "org/pickled has only pickle weights (pytorch_model.bin); Influence refuses")
     assert err.count("\n") == 1
     assert [r.path for r in hub.requests] == ["/api/models/org/pickled"]
+
+
+def test_offline_mode(capsys, hub, tiny_repo):
+    """HF_HUB_OFFLINE=1 is read when huggingface_hub is imported, so these runs are subprocesses."""
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    generate = [*CLI, "generate", "hello", "-m", "org/tiny", "--max-tokens", "2"]
+    missing = subprocess.run(generate, env=offline, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(missing.returncode, missing.stderr, "org/tiny is not in the store, and HF_HUB_OFFLINE is set")
+    assert missing.stderr.count("\n") == 1
+
+    assert invoke(capsys, "download", "-m", "org/tiny")[0] == 0
+    hub.requests.clear()
+    stored = subprocess.run(generate, env=offline, capture_output=True, text=True, timeout=120)
+    assert stored.returncode == 0, stored.stderr
+    again = subprocess.run([*CLI, "download", "-m", "org/tiny"], env=offline, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.strip() == str(store.models_dir() / "org--tiny")
+    assert "HF_HUB_OFFLINE is set, so it was not checked for a newer revision" in again.stderr
+    assert hub.requests == []

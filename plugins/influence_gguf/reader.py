@@ -46,6 +46,23 @@ ROPE_FREQS = "rope_freqs.weight"
 _MISSING = object()
 
 
+class _Reader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    gguf-py slices the map once for every value while it parses the metadata, and slicing an
+    np.memmap runs Python-level bookkeeping each time: the default model's 49k-token vocabulary
+    took 2 s to open instead of 0.7 s. The plain view still keeps the map alive.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)
+
+
 class GGUFFile:
     """An opened GGUF file: typed access to its metadata, and its tensors by GGUF name."""
 
@@ -58,7 +75,7 @@ class GGUFFile:
         if not head.startswith(GGUF_MAGIC):
             raise ModelFormatError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'")
         try:
-            self.reader = gguf.GGUFReader(path)
+            self.reader = _Reader(path)
         except Exception as error:  # gguf-py and numpy raise ValueError, IndexError, KeyError, ... on bad input
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ModelFormatError(f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}") from None

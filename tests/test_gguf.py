@@ -459,8 +459,10 @@ def test_broken_files_are_refused_with_one_line(tmp_path, tiny_gguf, capsys):
         open_source(tmp_path / "lfs_pointer.gguf")
 
 
-def minimal_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray]) -> Path:
+def minimal_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray], split_count: int = 0) -> Path:
     writer = gguf.GGUFWriter(path, architecture)
+    if split_count:
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, split_count)
     for name, values in tensors.items():
         writer.add_tensor(name, values)
     writer.write_header_to_file()
@@ -473,6 +475,11 @@ def minimal_gguf(path: Path, architecture: str, tensors: dict[str, np.ndarray]) 
 def test_unsupported_architecture_names_the_supported_one(tmp_path):
     with pytest.raises(ModelFormatError, match=r"'qwen2' is not supported \(supported: llama\)"):
         open_source(minimal_gguf(tmp_path / "qwen.gguf", "qwen2", {}))
+
+
+def test_one_part_of_a_split_gguf_is_refused(tmp_path):
+    with pytest.raises(ModelFormatError, match="split GGUF; merge the parts"):
+        open_source(minimal_gguf(tmp_path / "model-00001-of-00002.gguf", "llama", {}, split_count=2))
 
 
 def test_unsupported_tensor_type_names_tensor_type_and_supported_types(tmp_path):

@@ -125,6 +125,9 @@ def read_config(file: GGUFFile) -> ModelConfig:
         raise ModelFormatError(
             f"GGUF architecture {architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
+    if file.number("split.count", 1) > 1:
+        raise ModelFormatError(f"{file.path} is one part of a split GGUF; merge the parts into one file first "
+                               "(llama.cpp's llama-gguf-split --merge)")
     if file.number("llama.expert_count", 0):
         raise ModelFormatError("mixture-of-experts Llama GGUFs (llama.expert_count > 0) are not supported")
     check_tensor_names(file)

@@ -38,6 +38,10 @@ LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "INFLUENCE_TRACE_PLUGINS"
 HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
 
+# Architecture plugins published for model types the core does not build itself, so that a model
+# whose plugin is missing fails saying what to install.
+KNOWN_ARCHITECTURE_PLUGINS = {"qwen2": "influence-qwen2", "mistral": "influence-mistral"}
+
 hookimpl = pluggy.HookimplMarker("influence")
 
 # hook name -> (what each registered item must be, registry attribute)
@@ -110,6 +114,19 @@ class Registry:
             if architecture.backend == backend and architecture.matches(config):
                 return architecture
         wanted = config.model_type or ", ".join(config.architectures) or "unknown"
+        elsewhere = [a for a in self.architectures if a.matches(config)]
+        if elsewhere:
+            built_for = ", ".join(f"{a.backend} (plugin {self.provided_by(a)})" for a in elsewhere)
+            raise UnsupportedArchitectureError(
+                f"no installed plugin builds model type {wanted!r} for backend {backend!r} "
+                f"(it is built for: {built_for})"
+            )
+        if config.model_type in KNOWN_ARCHITECTURE_PLUGINS:
+            package = KNOWN_ARCHITECTURE_PLUGINS[config.model_type]
+            raise UnsupportedArchitectureError(
+                f"model type {wanted!r} needs an architecture plugin: pip install {package} "
+                f"(it is not installed, or {LOAD_PLUGINS_ENV} leaves it out)"
+            )
         installed = ", ".join(
             f"{a.name} ({a.backend}, plugin {self.provided_by(a)})" for a in self.architectures
         ) or "none"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from influence_core import hookimpl, register_plugin
-from influence_core.interfaces import Sampler
+from influence_core.interfaces import Architecture, Sampler
 from influence_core.plugins import call_each_implementation, get_registry
 
 INFLUENCE = [sys.executable, "-c", "from influence_core.cli import run; run()"]
@@ -234,3 +234,25 @@ def test_influence_trace_plugins_shows_each_hook_call_and_what_each_plugin_regis
     assert "influence: trace: register_backends: calling no implementations" in trace
     quiet = influence(site, "plugins", "--json", INFLUENCE_LOAD_PLUGINS="samplers,shift-sampler")
     assert "trace" not in quiet.stderr
+
+
+def test_a_model_whose_architecture_plugin_is_missing_names_the_plugin_to_install(site, influence_tiny_model):
+    run = influence(site, "generate", "t5", "--raw", "-p", str(influence_tiny_model("qwen2")),
+                    INFLUENCE_LOAD_PLUGINS="torch,samplers,safetensors")
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("error: model type 'qwen2' needs an architecture plugin: pip install influence-qwen2 "
+                                  "(it is not installed, or INFLUENCE_LOAD_PLUGINS leaves it out)")
+
+
+def test_a_model_built_only_for_another_backend_names_the_backends_it_has():
+    from influence_core.config import ModelConfig
+    from influence_core.errors import UnsupportedArchitectureError
+    from influence_core.plugins import Registry
+
+    registry = Registry()
+    registry.add("architectures", Architecture("qwen2", "torch", ("qwen2",), lambda *args: None), "qwen2")
+    config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
+                                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
+    with pytest.raises(UnsupportedArchitectureError, match=r"model type 'qwen2' for backend 'other' "
+                                                           r"\(it is built for: torch \(plugin qwen2\)\)"):
+        registry.architecture_for(config, "other")

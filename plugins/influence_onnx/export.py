@@ -1,0 +1,203 @@
+"""ONNX exports: optimum's exporter run once per model, kept in the store, and the variants derived from them.
+
+    exports/onnx/KEY/        one model's export; KEY is the fingerprint of its Hugging Face directory,
+                             so changed weights get a new export
+        model.onnx           optimum's text-generation-with-past graph, beside config and tokenizer files
+        influence.json       where it came from
+        int8/model.onnx      weights quantized to int8 (--dtype int8), made on first use
+        float16/model.onnx   float16 weights and KV cache (--dtype float16), made on first use
+
+Each directory is written under a temporary name and renamed into place once complete, so an
+interrupted export or conversion is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+from influence_core.config import ModelConfig
+from influence_core.errors import ModelFormatError
+from influence_core.interfaces import ModelSource
+from influence_core.store import MANIFEST, convert_into_store, exports_dir, fingerprint, models_dir, read_manifest
+from influence_core.tokenizer import Tokenizer
+
+MODEL_FILE = "model.onnx"
+TASK = "text-generation-with-past"
+# Node-name parts of the float32 export that stay float32 in the float16 variant: RMSNorm squares
+# activations (which overflow float16), and rotary angles grow with the position (float16 cannot
+# hold position x frequency precisely past a few thousand tokens).
+FLOAT32_SUBGRAPHS = ("layernorm/", "/model/norm/", "/rotary_emb/")
+
+
+def export_for(source: ModelSource, *, force: bool = False) -> Path:
+    """The directory holding ``source`` as ONNX: the source itself if it is an export, else the
+    store's export of its Hugging Face directory, made on first use (or again, with ``force``)."""
+    if source.format == "onnx":
+        return source.path
+    hf_directory = hf_directory_of(source)
+    target = exports_dir("onnx") / fingerprint(hf_directory)
+    if force or not target.exists():
+        print(f"influence: exporting {hf_directory} to ONNX in {target} "
+              "(once; later runs reuse the export)", file=sys.stderr)
+        export_model(hf_directory, target)
+        remove_older_exports(hf_directory, keep=target)
+    return target
+
+
+def is_export_directory(path: Path) -> bool:
+    return path.is_dir() and (path / MODEL_FILE).is_file() and (path / "config.json").is_file()
+
+
+def open_export_directory(path: Path) -> ModelSource:
+    """An export directory (``influence export onnx OUT``) as a model source; only this backend runs it."""
+    config = ModelConfig.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path, bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids,
+                                   pad_token_id=config.pad_token_id)
+
+    def no_weights():
+        raise ModelFormatError(f"{path} is an ONNX export, which only --backend onnx can run")
+
+    return ModelSource(path=path, format="onnx", config=config, tokenizer=tokenizer, weights=no_weights,
+                       details={"bytes": sum(p.stat().st_size for p in path.glob(f"{MODEL_FILE}*"))})
+
+
+def hf_directory_of(source: ModelSource) -> Path:
+    """A Hugging Face directory for ``source``, converting it (a GGUF, say) into the store once."""
+    if source.hf_directory is not None:
+        return source.hf_directory
+    name = source.path.stem
+    manifest = read_manifest(models_dir() / name)
+    if manifest is not None and manifest.get("source_fingerprint") == fingerprint(source.path):
+        return models_dir() / name
+    return convert_into_store(source, name)
+
+
+def export_model(hf_directory: Path, target: Path) -> None:
+    """Run optimum's exporter on ``hf_directory``, writing ``target`` atomically (replacing it)."""
+    started = time.perf_counter()
+    with atomic_directory(target) as partial:
+        _run_optimum(hf_directory, partial)
+        if not (partial / MODEL_FILE).is_file():
+            raise ModelFormatError(f"optimum exported {hf_directory} but wrote no {MODEL_FILE} "
+                                   f"(it wrote: {', '.join(sorted(p.name for p in partial.iterdir()))})")
+        (partial / MANIFEST).write_text(json.dumps({
+            "source": str(hf_directory.resolve()), "source_fingerprint": fingerprint(hf_directory), "task": TASK,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }, indent=2) + "\n", encoding="utf-8")
+    print(f"influence: exported in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
+def _run_optimum(hf_directory: Path, output: Path) -> None:
+    from optimum.exporters.onnx import main_export
+    from rich.console import Console
+
+    # The exporter's tracer warnings and logs mean nothing to a user; the status line says what runs.
+    # Anything it prints goes to stderr, so that stdout holds only the command's own output.
+    with Console(stderr=True).status(f"exporting {hf_directory.name} to ONNX with optimum..."), \
+            _quiet_logs("optimum", "transformers", "torch.onnx"), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore")
+        try:
+            # Our own checks (the test suite, `influence compare`) replace optimum's slow validation.
+            main_export(str(hf_directory), output=output, task=TASK, do_validation=False)
+        except Exception as error:  # optimum and torch.onnx raise many types; all mean the export failed
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ModelFormatError(f"optimum could not export {hf_directory} to ONNX: "
+                                   f"{type(error).__name__}: {reason}") from None
+
+
+@contextlib.contextmanager
+def _quiet_logs(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def remove_older_exports(hf_directory: Path, keep: Path) -> None:
+    """Delete exports of the same directory made before its weights changed: they are never used again."""
+    for export in keep.parent.iterdir():
+        manifest = read_manifest(export) if export != keep else None
+        if manifest is not None and manifest.get("source") == str(hf_directory.resolve()):
+            shutil.rmtree(export, ignore_errors=True)
+
+
+def model_file(export: Path, dtype: str) -> Path:
+    """The graph to run for ``dtype``: optimum's float32 export, or a variant derived from it once."""
+    base = export / MODEL_FILE
+    if not base.is_file():
+        raise damaged(export, f"{base} is missing")
+    if dtype == "float32":
+        return base
+    target = export / dtype / MODEL_FILE
+    if not target.is_file():
+        print(f"influence: converting the ONNX export to {dtype} in {target.parent} (once)", file=sys.stderr)
+        with atomic_directory(target.parent) as partial, _quiet_logs(""):  # the quantizer logs advice on the root logger
+            DERIVE[dtype](base, partial / MODEL_FILE)
+    return target
+
+
+def _quantize_int8(source: Path, target: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Only matrix products with constant weights: quantizing the attention products (both inputs
+    # activations) costs accuracy and gains nothing. Activations are quantized per token at run time.
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+                     extra_options={"MatMulConstBOnly": True}, use_external_data_format=_has_external_data(source))
+
+
+def _convert_float16(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(source))
+    keep = [node.name for node in model.graph.node if any(part in node.name for part in FLOAT32_SUBGRAPHS)]
+    # keep_io_types=False: the KV cache inputs and outputs become float16 too, halving its memory.
+    model = convert_float_to_float16(model, keep_io_types=False, node_block_list=keep)
+    onnx.save_model(model, str(target), save_as_external_data=_has_external_data(source),
+                    location=f"{MODEL_FILE}.data")
+
+
+def damaged(export: Path, problem: str) -> ModelFormatError:
+    """The error for an export that cannot be used, saying how to make it anew."""
+    if export.parent == exports_dir("onnx"):
+        return ModelFormatError(f"{problem}; delete {export} and the next run exports the model again")
+    return ModelFormatError(f"{problem}; export the model again with `influence export onnx --force {export}`")
+
+
+DERIVE = {"int8": _quantize_int8, "float16": _convert_float16}
+
+
+def _has_external_data(model: Path) -> bool:
+    """Whether the graph keeps its weights in other files (models over protobuf's 2 GB limit)."""
+    return any(p != model for p in model.parent.glob(f"{model.name}*"))  # model.onnx_data, model.onnx.data
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target``."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        if target.exists():
+            shutil.rmtree(target)
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise

@@ -250,6 +250,31 @@ def test_int8_is_refused_on_a_gpu():
         onnx_backend.OnnxBackend().resolve_dtype("int8", "cuda:0")
 
 
+def test_compare_runs_both_backends_and_reports_agreement(home, tiny_model, capsys):
+    code, out, _ = invoke(capsys, "compare", "hello", "-p", str(tiny_model), "--backends", "torch,onnx",
+                          "--max-tokens", "12", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["agree"] is True and data["first_divergence"] is None
+    assert [r["backend"] for r in data["runs"]] == ["torch", "onnx"]
+    for run_ in data["runs"]:
+        for key in ("label", "device", "dtype", "text", "token_ids", "finish_reason", "time_to_first_token_s",
+                    "decode_tokens_per_s"):
+            assert key in run_
+    assert data["runs"][0]["token_ids"] == data["runs"][1]["token_ids"]
+
+    code, out, _ = invoke(capsys, "compare", "hello", "-p", str(tiny_model), "--max-tokens", "4")
+    assert code == 0 and "time to first token" in out and "agree: all 4 greedy tokens are identical" in out
+
+
+def test_compare_names_the_first_divergent_token():
+    from influence_core.compare import first_divergence
+
+    assert first_divergence([[1, 2, 3], [1, 2, 3]]) is None
+    assert first_divergence([[1, 2, 3], [1, 5, 3]]) == 1
+    assert first_divergence([[1, 2], [1, 2, 3]]) == 2
+
+
 def default_model_source():
     """The default model through whichever loader reads its GGUF; skips while none is installed."""
     from influence_core.api import open_default_model

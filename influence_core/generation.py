@@ -103,30 +103,89 @@ class StopStringFilter:
         return text
 
 
-class TextStream:
-    """Iterate for text pieces; after the iteration ends, `result` holds the whole outcome."""
+class Generation:
+    """One generation's bookkeeping, whatever drives it (one request, or a row of a batch):
+    sampling, the EOS/stop/length checks, streaming text and timings."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, cache: CacheState, prompt_ids: list[int],
-                 chain: SamplerChain, max_tokens: int, stop: Sequence[str], eos_token_ids: Sequence[int],
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], chain: SamplerChain, max_tokens: int,
+                 stop: Sequence[str], eos_token_ids: Sequence[int], context_length: int, device: str,
                  requested_at: float | None = None) -> None:
+        import torch
+
         if not prompt_ids:
             raise InfluenceError("the prompt is empty")
-        if len(prompt_ids) > runner.context_length:
+        if len(prompt_ids) > context_length:
             raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {runner.context_length}; "
-                "shorten the prompt"
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {context_length}; shorten the prompt"
             )
         if max_tokens < 1:
             raise InfluenceError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.runner = runner
-        self.tokenizer = tokenizer
-        self.cache = cache
         self.prompt_ids = prompt_ids
         self.chain = chain
-        self.max_tokens = max_tokens
-        self.stop = stop
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.requested_at = requested_at  # when the caller asked (before tokenizing), for time to first token
+        self.limit = min(max_tokens, context_length - len(prompt_ids) + 1)
+        self.limit_reason = "length" if self.limit == max_tokens else "context"
+        self.history = torch.empty(len(prompt_ids) + self.limit, dtype=torch.long, device=device)
+        self.history[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_filter = StopStringFilter(stop)
+        self.generated: list[int] = []
+        self.text_parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.requested_at = requested_at or time.perf_counter()
+        self.prefill_started_at = self.first_token_at = self.finished_at = self.requested_at
+        self.reused_prompt_tokens = 0
+
+    @property
+    def next_position(self) -> int:
+        """Where the last picked token goes when it is fed back."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+    def accept(self, logits) -> str:
+        """Pick the next token from ``logits``; return the text it completes (maybe "")."""
+        position = len(self.prompt_ids) + len(self.generated)
+        token = self.chain(logits, self.history[:position])
+        if not self.generated:
+            self.first_token_at = time.perf_counter()
+        self.generated.append(token)
+        piece = ""
+        if token in self.eos_token_ids:
+            self.finish_reason = "eos"
+        else:
+            piece, stopped = self.stop_filter.push(self.decoder.push(token))
+            if stopped:
+                self.finish_reason = "stop"
+            elif len(self.generated) == self.limit:
+                self.finish_reason = self.limit_reason
+            else:
+                self.history[position] = token
+        if self.finish_reason and self.finish_reason != "stop":
+            tail, stopped = self.stop_filter.push(self.decoder.flush())
+            piece += tail if stopped else tail + self.stop_filter.flush()
+            self.finish_reason = "stop" if stopped else self.finish_reason
+        if self.finish_reason:
+            self.finished_at = time.perf_counter()
+        self.text_parts.append(piece)
+        return piece
+
+    def result(self) -> GenerationResult:
+        stats = GenerationStats(
+            prompt_tokens=len(self.prompt_ids), cached_prompt_tokens=self.reused_prompt_tokens,
+            generated_tokens=len(self.generated), time_to_first_token_s=self.first_token_at - self.requested_at,
+            prefill_s=self.first_token_at - self.prefill_started_at, decode_s=self.finished_at - self.first_token_at,
+        )
+        return GenerationResult(text="".join(self.text_parts), token_ids=list(self.generated),
+                                finish_reason=self.finish_reason or "cancelled", stats=stats, seed=self.chain.seed)
+
+
+class TextStream:
+    """One sequence on a runner's slot 0. Iterate for text pieces; after the iteration ends,
+    `result` holds the whole outcome."""
+
+    def __init__(self, runner: Runner, cache: CacheState, generation: Generation) -> None:
+        self.runner = runner
+        self.cache = cache
+        self.generation = generation
         self.result: GenerationResult | None = None
         self._pieces = self._run()
 
@@ -137,60 +196,19 @@ class TextStream:
         return next(self._pieces)
 
     def _run(self) -> Iterator[str]:
-        import torch
-
-        runner, prompt_ids = self.runner, self.prompt_ids
-        started = time.perf_counter()
-        reused = self.cache.reusable_prefix(prompt_ids)
+        generation, prompt_ids = self.generation, self.generation.prompt_ids
+        generation.prefill_started_at = time.perf_counter()
+        reused = generation.reused_prompt_tokens = self.cache.reusable_prefix(prompt_ids)
         # Until the run ends cleanly, only the reused prefix is known to be in the cache.
         self.cache.token_ids = prompt_ids[:reused]
-        logits = runner.forward(prompt_ids[reused:], reused)
-        limit = min(self.max_tokens, runner.context_length - len(prompt_ids) + 1)
-        history = torch.empty(len(prompt_ids) + limit, dtype=torch.long, device=runner.device)
-        history[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-
-        decoder = IncrementalDecoder(self.tokenizer)
-        stop_filter = StopStringFilter(self.stop)
-        generated: list[int] = []
-        text_parts: list[str] = []
-        first_token_at = started
-        finish_reason = "length" if limit == self.max_tokens else "context"
-        position = len(prompt_ids)
+        logits = self.runner.forward(prompt_ids[reused:], reused)
         while True:
-            token = self.chain(logits, history[:position])
-            if not generated:
-                first_token_at = time.perf_counter()
-            generated.append(token)
-            if token in self.eos_token_ids:
-                finish_reason = "eos"
-                break
-            piece, stopped = stop_filter.push(decoder.push(token))
+            piece = generation.accept(logits)
             if piece:
-                text_parts.append(piece)
                 yield piece
-            if stopped:
-                finish_reason = "stop"
+            if generation.finish_reason:
                 break
-            if len(generated) == limit:
-                break
-            history[position] = token
-            logits = runner.forward([token], position)
-            position += 1
-        tail = ""
-        if finish_reason != "stop":
-            piece, stopped = stop_filter.push(decoder.flush())
-            tail = piece if stopped else piece + stop_filter.flush()
-            finish_reason = "stop" if stopped else finish_reason
-        if tail:
-            text_parts.append(tail)
-            yield tail
-        finished = time.perf_counter()
+            logits = self.runner.forward([generation.generated[-1]], generation.next_position)
         # Every generated token but the last was fed back, so its KV is cached too.
-        self.cache.token_ids = prompt_ids + generated[:-1]
-        stats = GenerationStats(
-            prompt_tokens=len(prompt_ids), cached_prompt_tokens=reused, generated_tokens=len(generated),
-            time_to_first_token_s=first_token_at - (self.requested_at or started), prefill_s=first_token_at - started,
-            decode_s=finished - first_token_at,
-        )
-        self.result = GenerationResult(text="".join(text_parts), token_ids=generated,
-                                       finish_reason=finish_reason, stats=stats, seed=self.chain.seed)
+        self.cache.token_ids = prompt_ids + generation.generated[:-1]
+        self.result = generation.result()

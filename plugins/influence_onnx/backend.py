@@ -25,7 +25,9 @@ from .export import damaged, export_for, model_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-OPTIONS = ("threads", "context_length", "graph_optimization")
+# max_batch is accepted and the runner keeps one sequence (max_batch 1): batches and servers queue
+# their sequences and decode them one after another.
+OPTIONS = ("threads", "context_length", "max_batch", "graph_optimization")
 INITIAL_CACHE_POSITIONS = 256
 
 
@@ -168,10 +170,12 @@ class OnnxRunner(Runner):
         self.current: list[Any] = []  # per (layer, key/value): the buffer holding the cache
         self.spare: list[Any] = []  # per (layer, key/value): where the next step writes
 
-    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False) -> Any:
+    def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False, slot: int = 0) -> Any:
         import numpy as np
         import torch
 
+        if slot != 0:
+            raise BackendError(f"slot {slot} is past this runner's single slot")
         end = start_pos + len(token_ids)
         if end > self.context_length:
             raise ContextLengthError(f"position {end} is past the context length {self.context_length}")

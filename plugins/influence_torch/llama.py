@@ -4,11 +4,15 @@ RMSNorm, rotary position embeddings (with linear and llama3 scaling), grouped-qu
 through scaled_dot_product_attention over a preallocated KV cache, and a SwiGLU MLP. Q/K/V and
 gate/up are fused into one matmul each. Weights arrive under Hugging Face names (every loader
 translates to those), so this file is the whole mapping from a checkpoint to a running model.
+
+Decode runs one token through 30-odd layers, so the per-layer op count matters as much as the
+matmuls: norms are one fused call, and RoPE rotates q and k together in three ops.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,8 @@ from torch import nn
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import Weights
+
+from .linear import activation_dtype, convert_linear, convert_linears
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -40,13 +46,10 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE: x*cos + rotate_half(x)*sin, where rotate_half(x) is
+    x rolled by half the head with its first half negated (the sign is folded into signed_sin)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class RMSNorm(nn.Module):
@@ -57,56 +60,93 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the model dtype, exactly as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+@dataclass
+@dataclass(frozen=True)
+class LlamaVariant:
+    """How a Llama-family architecture departs from Llama itself (Qwen2: biases on q/k/v only;
+    Mistral: sliding-window attention). Architecture plugins pass one to `build_llama`."""
+
+    qkv_bias: bool | None = None  # None: config.attention_bias
+    output_bias: bool | None = None  # bias on the attention output projection; None: config.attention_bias
+    sliding_window: int | None = None  # attend to at most this many most recent positions
+
+
+@dataclass
+class Step:
+    """Where one forward call's tokens sit: batch row i is cache slot ``first_slot + i``.
+
+    Either every row starts at ``start`` (prefill, single-sequence decode), or each row holds one
+    token at its own position ``row_positions[i]`` (batched decode of independent sequences).
+    """
+
+    first_slot: int
+    start: int
+    end: int  # one past the last position any row reaches
+    first_key: int  # the oldest cached position any query can see (sliding-window attention)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    row_positions: torch.Tensor | None = None
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+    def __init__(self, slots: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, capacity, head_dim)
+        shape = (slots, n_kv_heads, capacity, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
+    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values; return the rows' caches up to the step's end."""
+        rows = slice(step.first_slot, step.first_slot + k.shape[0])
+        if step.row_positions is None:
+            self.k[rows, :, step.start:step.start + k.shape[2]] = k
+            self.v[rows, :, step.start:step.start + k.shape[2]] = v
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            self.k[rows][batch, :, step.row_positions] = k[:, :, 0]
+            self.v[rows][batch, :, step.row_positions] = v[:, :, 0]
+        return self.k[rows, :, step.first_key:step.end], self.v[rows, :, step.first_key:step.end]
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def copy_slot(self, source: int, target: int) -> None:
+        self.k[target] = self.k[source]
+        self.v[target] = self.v[source]
+
+
+def _pick(choice: bool | None, default: bool) -> bool:
+    return default if choice is None else choice
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant) -> None:
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
-        self.wqkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.wo = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.wqkv = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                              bias=_pick(variant.qkv_bias, config.attention_bias))
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size,
+                            bias=_pick(variant.output_bias, config.attention_bias))
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.split_sizes, dim=-1)
-        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(start, k, v)
+        qkv = self.wqkv(x).view(batch, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        # The cache's dtype is the attention dtype (float32 on CPU, where bfloat16 attention is slow).
+        qkv = qkv.to(self.kv_cache.k.dtype)
+        rotated = apply_rope(qkv[:, :, :self.n_heads + self.n_kv_heads], step.cos, step.sin).transpose(1, 2)
+        q, k = rotated.split([self.n_heads, self.n_kv_heads], dim=1)
+        v = qkv[:, :, self.n_heads + self.n_kv_heads:].transpose(1, 2)
+        k, v = self.kv_cache.update(step, k, v)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1,
+            q, k, v, attn_mask=step.mask, is_causal=step.mask is None and length > 1,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.wo(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.wo(y.transpose(1, 2).reshape(batch, length, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -121,117 +161,164 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = Attention(config)
+        self.attention = Attention(config, variant)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, start, mask)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), step)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """The causal-LM interface the torch backend drives: `ensure_capacity(n)` sizes the KV cache,
-    `forward(tokens, start, last_only)` returns float32 logits."""
+    """The causal-LM interface the torch backend drives: `ensure_capacity` sizes the KV cache,
+    `forward` returns float32 logits, `copy_slot` moves a sequence between cache slots."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, variant: LlamaVariant = LlamaVariant()) -> None:
         super().__init__()
         self.config = config
+        self.variant = variant
         # A bare parameter rather than nn.Embedding, whose random init would run (and import
         # torch._dynamo, a second of start-up) even on the meta device.
         self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, variant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attention_dtype = torch.float32
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
-    @property
-    def capacity(self) -> int:
+    def cache_shape(self) -> tuple[int, int]:
+        """(slots, positions) the KV cache holds now."""
         cache = self.layers[0].attention.kv_cache
-        return 0 if cache is None else cache.capacity
+        return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
-    def ensure_capacity(self, length: int, batch: int = 1) -> None:
-        """Grow the KV cache (keeping its contents) and RoPE tables to hold ``length`` positions."""
-        old = self.capacity
-        if length <= old:
+    def ensure_capacity(self, length: int, slots: int = 1) -> None:
+        """Grow the KV cache, keeping its contents, to hold ``length`` positions in each of
+        ``slots`` independent sequences; RoPE tables grow with it."""
+        old_slots, old_length = self.cache_shape()
+        if length <= old_length and slots <= old_slots:
             return
-        capacity = min(max(length, 2 * old, 256), self.config.context_length)
-        param = self.output.weight
+        capacity = max(old_length, min(max(length, 2 * old_length, 256), self.config.context_length))
+        slots = max(slots, old_slots)
+        device = self.embed_tokens.device
         for layer in self.layers:
             attention = layer.attention
-            cache = KVCache(batch, attention.n_kv_heads, capacity, attention.head_dim, param.dtype, param.device)
+            cache = KVCache(slots, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
             if attention.kv_cache is not None:
-                cache.k[:, :, :old] = attention.kv_cache.k
-                cache.v[:, :, :old] = attention.kv_cache.v
+                cache.k[:old_slots, :, :old_length] = attention.kv_cache.k
+                cache.v[:old_slots, :, :old_length] = attention.kv_cache.v
             attention.kv_cache = cache
-        positions = torch.arange(capacity, dtype=torch.float32, device=param.device)
-        angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(param.device))
-        angles = torch.cat((angles, angles), dim=-1)
-        self.rope_cos, self.rope_sin = angles.cos(), angles.sin()
+        positions = torch.arange(capacity, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(device))
+        # Shaped [position, 1 (heads), head_dim] to broadcast over the heads of [batch, seq, heads, dim].
+        self.rope_cos = torch.cat((angles, angles), dim=-1).cos()[:, None].to(self.attention_dtype)
+        sin = angles.sin()
+        self.rope_sin = torch.cat((-sin, sin), dim=-1)[:, None].to(self.attention_dtype)
 
-    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
-        length = tokens.shape[1]
-        end = start + length
-        x = F.embedding(tokens, self.embed_tokens)
-        cos = self.rope_cos[start:end].to(x.dtype)
-        sin = self.rope_sin[start:end].to(x.dtype)
-        mask = None
-        if length > 1 and start > 0:
-            # Query i (at position start + i) sees every cached position up to its own.
-            mask = torch.ones(length, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+    def copy_slot(self, source: int, target: int) -> None:
         for layer in self.layers:
-            x = layer(x, cos, sin, start, mask)
+            layer.attention.kv_cache.copy_slot(source, target)
+
+    def step(self, length: int, start: int | list[int], first_slot: int) -> Step:
+        device = self.embed_tokens.device
+        window = self.variant.sliding_window
+        if isinstance(start, int):
+            end = start + length
+            # With a sliding window, keys older than the first query's window are never read.
+            first_key = max(0, start - window + 1) if window else 0
+            mask = None
+            if length > 1 and (start > 0 or (window and length > window)):
+                mask = self.visible_keys(torch.arange(start, end, device=device)[:, None], first_key, end)
+            return Step(first_slot, start, end, first_key, self.rope_cos[start:end], self.rope_sin[start:end], mask)
+        positions = torch.tensor(start, device=device)
+        end = max(start) + 1
+        first_key = max(0, min(start) - window + 1) if window else 0
+        # Each row decodes its own sequence: it sees its own cache up to its own position only.
+        mask = self.visible_keys(positions[:, None], first_key, end)[:, None, None, :]
+        return Step(first_slot, 0, end, first_key, self.rope_cos[positions][:, None],
+                    self.rope_sin[positions][:, None], mask, row_positions=positions)
+
+    def visible_keys(self, queries: torch.Tensor, first_key: int, end: int) -> torch.Tensor:
+        """Which cached positions ``first_key..end-1`` each query position may attend to."""
+        keys = torch.arange(first_key, end, device=queries.device)[None, :]
+        visible = keys <= queries
+        if self.variant.sliding_window:
+            visible &= keys > queries - self.variant.sliding_window
+        return visible
+
+    def forward(self, tokens: torch.Tensor, start: int | list[int], last_only: bool = True,
+                first_slot: int = 0) -> torch.Tensor:
+        """Logits for ``tokens`` [batch, length] in cache slots ``first_slot...``. ``start`` is one
+        position shared by every row, or a list with each row's position when each row decodes one
+        token of its own sequence."""
+        step = self.step(tokens.shape[1], start, first_slot)
+        x = F.embedding(tokens, self.embed_tokens)
+        for layer in self.layers:
+            x = layer(x, step)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
 
-def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str) -> Llama:
-    """Create the module without allocating, then move each checkpoint tensor straight into place."""
-    torch_dtype = getattr(torch, dtype)
+def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
+                variant: LlamaVariant = LlamaVariant()) -> Llama:
+    """Create the module without allocating, then move each checkpoint tensor straight into place,
+    converting each layer's linears to ``dtype``'s fast format before reading the next layer."""
+    compute_dtype = activation_dtype(dtype)
     with torch.device("meta"):
-        model = Llama(config)
+        model = Llama(config, variant)
 
     def take(name: str) -> torch.Tensor:
         if name not in weights:
             raise ModelFormatError(f"the checkpoint lacks the tensor {name!r}")
-        return weights[name].to(device=device, dtype=torch_dtype)
+        return weights[name].to(device=device, dtype=compute_dtype)
 
     def fused(names: list[str]) -> torch.Tensor:
         return torch.cat([take(name) for name in names])
 
-    state: dict[str, torch.Tensor] = {"embed_tokens": take("model.embed_tokens.weight")}
-    for i in range(config.num_hidden_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+    def load(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+        for name, tensor in state.items():
+            expected = module.get_parameter(name).shape
+            if tensor.shape != expected:
+                raise ModelFormatError(f"tensor {where}{name} has shape {tuple(tensor.shape)}, "
+                                       f"but the config implies {tuple(expected)}")
+        module.load_state_dict(state, strict=True, assign=True)
+        convert_linears(module, dtype, device)
+
+    for i, layer in enumerate(model.layers):
+        hf = f"model.layers.{i}."
         qkv = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
-        state[ours + "attention.wqkv.weight"] = fused([name + ".weight" for name in qkv])
-        state[ours + "attention.wo.weight"] = take(hf + "self_attn.o_proj.weight")
-        if config.attention_bias:
-            state[ours + "attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
-            state[ours + "attention.wo.bias"] = take(hf + "self_attn.o_proj.bias")
         gate_up = [f"{hf}mlp.gate_proj", f"{hf}mlp.up_proj"]
-        state[ours + "feed_forward.w13.weight"] = fused([name + ".weight" for name in gate_up])
-        state[ours + "feed_forward.w2.weight"] = take(hf + "mlp.down_proj.weight")
+        state = {
+            "attention_norm.weight": take(hf + "input_layernorm.weight"),
+            "attention.wqkv.weight": fused([name + ".weight" for name in qkv]),
+            "attention.wo.weight": take(hf + "self_attn.o_proj.weight"),
+            "ffn_norm.weight": take(hf + "post_attention_layernorm.weight"),
+            "feed_forward.w13.weight": fused([name + ".weight" for name in gate_up]),
+            "feed_forward.w2.weight": take(hf + "mlp.down_proj.weight"),
+        }
+        if _pick(variant.qkv_bias, config.attention_bias):
+            state["attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
+        if _pick(variant.output_bias, config.attention_bias):
+            state["attention.wo.bias"] = take(hf + "self_attn.o_proj.bias")
         if config.mlp_bias:
-            state[ours + "feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])
-            state[ours + "feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
-        state[ours + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
-        state[ours + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
-    state["norm.weight"] = take("model.norm.weight")
-    if config.tie_word_embeddings:
-        state["output.weight"] = state["embed_tokens"]
-    else:
-        state["output.weight"] = take("lm_head.weight")
-    for name, tensor in state.items():
-        expected = model.get_parameter(name).shape
-        if tensor.shape != expected:
-            raise ModelFormatError(
-                f"tensor {name} has shape {tuple(tensor.shape)}, but the config implies {tuple(expected)}"
-            )
-    model.load_state_dict(state, strict=True, assign=True)
+            state["feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])
+            state["feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
+        load(layer, state, f"layers.{i}.")
+
+    embedding = take("model.embed_tokens.weight")
+    head = embedding if config.tie_word_embeddings else take("lm_head.weight")
+    model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
+    load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
+    model.output.load_state_dict({"weight": head}, assign=True)
+    if model.output.weight.shape != (config.vocab_size, config.hidden_size):
+        raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
+                               f"but the config implies {(config.vocab_size, config.hidden_size)}")
+    model.output = convert_linear(model.output, dtype, device)
+    # bfloat16 attention is several times slower than float32 on CPU; on GPUs it is the fast path.
+    model.attention_dtype = torch.float32 if device == "cpu" else compute_dtype
     return model.eval()

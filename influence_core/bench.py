@@ -1,0 +1,339 @@
+"""``influence bench``: prompt processing, decode, time to first token, load time and peak RSS for
+our backends and, with ``--reference``, for reference engines on the same model in the same run.
+
+Modelled on llama.cpp's llama-bench: pp is an N-token prompt in one forward pass, tg is M greedy
+decode steps, and neither counts tokenization or sampling. Every engine and dtype runs in its own
+subprocess, so load time and peak RSS are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REFERENCE_ENGINES = ("transformers", "optimum", "llama.cpp")
+PROMPT_TEXT = (
+    "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
+    "panels; later, stored programs let the same hardware do many jobs. Assemblers named instructions, "
+    "compilers translated languages that people could read, and operating systems shared one machine "
+    "among many users. Each layer hid the one below it and let programmers think about bigger problems. "
+)
+
+
+@dataclass
+class Case:
+    engine: str  # one of our backends ("torch", "onnx", ...) or a reference engine
+    dtype: str
+    reference: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.engine} {self.dtype}"
+
+
+@dataclass
+class Settings:
+    model: str  # a Hugging Face directory (ours, transformers, optimum)
+    gguf: str | None  # a GGUF file (llama.cpp)
+    device: str
+    threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    repetitions: int
+
+
+@dataclass
+class Measurement:
+    case: Case
+    load_s: float = 0.0
+    pp_tokens_per_s: list[float] = field(default_factory=list)
+    tg_tokens_per_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+    weight_bytes_per_token: int = 0
+    error: str | None = None
+
+
+# ---- in the worker subprocess -------------------------------------------------------------------
+
+def _prompt_ids(tokenize: Callable[[str], list[int]], count: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < count:
+        ids += tokenize(PROMPT_TEXT)
+    return ids[:count]
+
+
+def _timed(function: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
+    import importlib
+
+    import torch  # noqa: F401  (imports are start-up cost, not load time, as for the references)
+
+    import influence_core
+
+    if case.engine == "onnx":
+        importlib.import_module("onnxruntime")
+
+    started = time.perf_counter()
+    model = influence_core.load(settings.model, backend=case.engine, device=settings.device, dtype=case.dtype,
+                                threads=settings.threads)
+    result.load_s = time.perf_counter() - started
+    result.weight_bytes_per_token = weight_bytes_per_token(model.config, case.dtype)
+    runner = model.runner
+    ids = _prompt_ids(lambda text: model.tokenizer.encode(text, add_special_tokens=False), settings.prompt_tokens)
+
+    def synchronized(logits: Any) -> int:
+        return int(logits.argmax())  # also waits for the device
+
+    # Warm-up: first-call allocations and kernel selection are not what pp and tg measure.
+    synchronized(runner.forward([synchronized(runner.forward(ids, 0))], len(ids)))
+    for _ in range(settings.repetitions):
+        elapsed = _timed(lambda: synchronized(runner.forward(ids, 0)))
+        result.pp_tokens_per_s.append(len(ids) / elapsed)
+        token, position = ids[-1], len(ids)
+        started = time.perf_counter()
+        for _ in range(settings.gen_tokens):
+            token = synchronized(runner.forward([token], position))
+            position += 1
+        result.tg_tokens_per_s.append(settings.gen_tokens / (time.perf_counter() - started))
+        model.cache.token_ids = []
+        result.ttft_s.append(model.generate(ids, max_tokens=1, temperature=0).stats.time_to_first_token_s)
+
+
+def _measure_hf_generate(model: Any, ids: list[int], settings: Settings, result: Measurement) -> None:
+    """Decode speed from two greedy generate calls: M tokens minus 1 token is M-1 decode steps."""
+    import torch
+
+    input_ids = torch.tensor([ids])
+
+    def generate(count: int) -> None:
+        model.generate(input_ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                       pad_token_id=0)
+
+    generate(2)  # warm-up
+    for _ in range(settings.repetitions):
+        first = _timed(lambda: generate(1))
+        total = _timed(lambda: generate(settings.gen_tokens + 1))
+        result.ttft_s.append(first)
+        result.pp_tokens_per_s.append(len(ids) / first)
+        result.tg_tokens_per_s.append(settings.gen_tokens / (total - first))
+
+
+def _measure_transformers(case: Case, settings: Settings, result: Measurement) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from influence_core.config import ModelConfig
+
+    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=getattr(torch, case.dtype)).eval()
+    result.load_s = time.perf_counter() - started
+    result.weight_bytes_per_token = weight_bytes_per_token(ModelConfig.from_dir(Path(settings.model)), case.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    ids = _prompt_ids(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], settings.prompt_tokens)
+    with torch.inference_mode():
+        _measure_hf_generate(model, ids, settings, result)
+
+
+def _measure_optimum(case: Case, settings: Settings, result: Measurement) -> None:
+    import onnxruntime
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from influence_core.config import ModelConfig
+
+    from influence_core.store import exports_dir, fingerprint
+
+    export_dir = exports_dir("optimum-reference") / fingerprint(Path(settings.model))
+    if not (export_dir / "model.onnx").exists():  # exporting is set-up, not load time
+        from optimum.exporters.onnx import main_export
+
+        main_export(settings.model, output=export_dir, task="text-generation-with-past", library_name="transformers")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    started = time.perf_counter()
+    model = ORTModelForCausalLM.from_pretrained(export_dir, session_options=options)
+    result.load_s = time.perf_counter() - started
+    result.weight_bytes_per_token = weight_bytes_per_token(ModelConfig.from_dir(Path(settings.model)), "float32")
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    ids = _prompt_ids(lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], settings.prompt_tokens)
+    _measure_hf_generate(model, ids, settings, result)
+
+
+def _measure_llama_cpp(case: Case, settings: Settings, result: Measurement) -> None:
+    import numpy as np
+    from llama_cpp import Llama
+
+    if not settings.gguf:
+        raise RuntimeError("llama.cpp needs a GGUF file (pass --gguf)")
+    started = time.perf_counter()
+    llm = Llama(settings.gguf, n_ctx=settings.prompt_tokens + settings.gen_tokens + 16, n_threads=settings.threads,
+                n_threads_batch=settings.threads, n_batch=512, verbose=False, logits_all=False)
+    result.load_s = time.perf_counter() - started
+    result.weight_bytes_per_token = gguf_weight_bytes(settings.gguf)
+    ids = _prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False, special=False), settings.prompt_tokens)
+
+    def next_token() -> int:
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    llm.reset()
+    llm.eval(ids[:8])  # warm-up
+    for _ in range(settings.repetitions):
+        llm.reset()
+        elapsed = _timed(lambda: llm.eval(ids))
+        result.pp_tokens_per_s.append(len(ids) / elapsed)
+        result.ttft_s.append(elapsed)
+        started = time.perf_counter()
+        for _ in range(settings.gen_tokens):
+            llm.eval([next_token()])
+        result.tg_tokens_per_s.append(settings.gen_tokens / (time.perf_counter() - started))
+
+
+MEASURES = {"transformers": _measure_transformers, "optimum": _measure_optimum, "llama.cpp": _measure_llama_cpp}
+
+
+def worker(arguments: dict[str, Any]) -> dict[str, Any]:
+    case, settings = Case(**arguments["case"]), Settings(**arguments["settings"])
+    result = Measurement(case)
+    try:
+        measure = MEASURES[case.engine] if case.reference else _measure_ours
+        measure(case, settings, result)
+    except Exception as error:  # reported in the table, never a traceback
+        result.error = f"{type(error).__name__}: {error}".splitlines()[0]
+    result.peak_rss_mb = peak_rss_mb()
+    return asdict(result)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike ru_maxrss, starts afresh at exec, so a
+    worker does not inherit its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- in the parent ------------------------------------------------------------------------------
+
+def weight_bytes_per_token(config: Any, dtype: str) -> int:
+    """Bytes of weights one decode step reads: every linear layer and the output head (the
+    embedding table is only gathered from, one row per token)."""
+    per_layer = (config.hidden_size * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+                 + config.num_attention_heads * config.head_dim * config.hidden_size
+                 + 3 * config.hidden_size * config.intermediate_size)
+    parameters = config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size
+    # int4 stores a bfloat16 scale and zero per group of 32 weights: 5 bits a weight.
+    bits = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 5}[dtype]
+    return parameters * bits // 8
+
+
+def gguf_weight_bytes(path: str) -> int:
+    """Bytes of every tensor but the embedding table, unless it doubles as the output head."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
+    return sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight" or tied)
+
+
+def memory_bandwidth_gb_s(threads: int) -> float:
+    """Read bandwidth as torch.sum over 1 GiB of float32, best of 5."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(1 << 28)
+    data.sum()
+    best = min(_timed(data.sum) for _ in range(5))
+    return data.numel() * 4 / best / 1e9
+
+
+def run_case(case: Case, settings: Settings, timeout_s: float = 1800) -> Measurement:
+    payload = json.dumps({"case": asdict(case), "settings": asdict(settings)})
+    done = subprocess.run([sys.executable, "-m", "influence_core.bench", payload], capture_output=True, text=True,
+                          timeout=timeout_s)
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return Measurement(case, error=f"worker failed: {tail}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    data["case"] = Case(**data["case"])
+    return Measurement(**data)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def reference_for(case: Case, references: dict[str, Measurement]) -> list[tuple[str, Measurement]]:
+    """The references a row of ours is compared with: transformers at the same float dtype,
+    optimum's ORT for the onnx backend, and llama.cpp for everything."""
+    chosen = []
+    if case.dtype in ("float32", "bfloat16", "float16") and f"transformers {case.dtype}" in references:
+        chosen.append(("transformers", references[f"transformers {case.dtype}"]))
+    if case.engine == "onnx" and "optimum float32" in references:
+        chosen.append(("optimum", references["optimum float32"]))
+    chosen += [("llama.cpp", m) for label, m in references.items() if label.startswith("llama.cpp")]
+    return [(name, m) for name, m in chosen if not m.error]
+
+
+def summarise(results: list[Measurement], bandwidth: float) -> list[dict[str, Any]]:
+    references = {m.case.label: m for m in results if m.case.reference}
+    rows = []
+    for m in results:
+        tg = median(m.tg_tokens_per_s)
+        roofline = bandwidth * 1e9 / m.weight_bytes_per_token if m.weight_bytes_per_token else 0.0
+        row = {
+            "engine": m.case.engine, "dtype": m.case.dtype, "reference": m.case.reference, "error": m.error,
+            "load_s": round(m.load_s, 3),
+            "pp_tokens_per_s": round(median(m.pp_tokens_per_s), 1), "pp_spread": round(spread(m.pp_tokens_per_s), 1),
+            "tg_tokens_per_s": round(tg, 1), "tg_spread": round(spread(m.tg_tokens_per_s), 1),
+            "ttft_ms": round(median(m.ttft_s) * 1000, 1), "peak_rss_mb": round(m.peak_rss_mb, 1),
+            "weight_mb_per_token": round(m.weight_bytes_per_token / 1e6, 1),
+            "roofline_percent": round(100 * tg / roofline, 1) if roofline else None,
+            "runs": {"pp": m.pp_tokens_per_s, "tg": m.tg_tokens_per_s, "ttft_s": m.ttft_s},
+            "ratios": {},
+        }
+        if not m.case.reference and not m.error:
+            for name, ref in reference_for(m.case, references):
+                row["ratios"][f"tg_vs_{name}"] = round(tg / median(ref.tg_tokens_per_s), 2)
+                row["ratios"][f"pp_vs_{name}"] = round(median(m.pp_tokens_per_s) / median(ref.pp_tokens_per_s), 2)
+        rows.append(row)
+    return rows
+
+
+def machine_facts(threads: int, bandwidth: float) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "read_bandwidth_gb_s": round(bandwidth, 1),
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(worker(json.loads(sys.argv[1]))))

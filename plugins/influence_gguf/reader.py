@@ -1,0 +1,285 @@
+"""A GGUF file read with gguf-py: its metadata as a `ModelConfig`, its tensors under Hugging Face names.
+
+Only Llama-architecture files are understood (llama.cpp writes Mistral-style models as "llama" too).
+Tensors stay in the memory map until asked for, then are dequantized to float32 and, for q and k,
+put back into Hugging Face's row order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from influence_core.config import ModelConfig
+from influence_core.errors import ModelFormatError
+
+from . import GGUF_MAGIC
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+# The types we test against gguf-py's dequantization; gguf-py reads more, but these are what
+# llama.cpp's common quantizations (Q4_0 ... Q8_0, the K-quants) are made of.
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+# blk.N.<name> in GGUF is model.layers.N.<name> in Hugging Face's Llama.
+LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+MODEL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# llama.cpp's converter bakes Llama 3's rope scaling into this tensor instead of writing metadata.
+ROPE_FREQS = "rope_freqs.weight"
+
+_MISSING = object()
+
+
+class _Reader(gguf.GGUFReader):
+    """GGUFReader over a plain ndarray view of its memory map.
+
+    gguf-py slices the map once for every value while it parses the metadata, and slicing an
+    np.memmap runs Python-level bookkeeping each time: the default model's 49k-token vocabulary
+    took 2 s to open instead of 0.7 s. The plain view still keeps the map alive.
+    """
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = value.view(np.ndarray)
+
+
+class GGUFFile:
+    """An opened GGUF file: typed access to its metadata, and its tensors by GGUF name."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with path.open("rb") as handle:
+            head = handle.read(64)
+        if head.startswith(b"version https://git-lfs"):
+            raise ModelFormatError(f"{path} is a Git LFS pointer, not the model itself; fetch it with `git lfs pull`")
+        if not head.startswith(GGUF_MAGIC):
+            raise ModelFormatError(f"{path} is not a GGUF file: it does not start with the bytes 'GGUF'")
+        try:
+            self.reader = _Reader(path)
+        except Exception as error:  # gguf-py and numpy raise ValueError, IndexError, KeyError, ... on bad input
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ModelFormatError(f"{path} is not a readable GGUF file (truncated or corrupt?): {reason}") from None
+        self.tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+
+    def value(self, key: str, default: Any = _MISSING) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            if default is _MISSING:
+                raise ModelFormatError(f"{self.path} lacks the GGUF metadata key {key!r}")
+            return default
+        try:
+            return field.contents()
+        except Exception as error:  # e.g. a string that is not UTF-8
+            raise ModelFormatError(f"{self.path}: GGUF metadata key {key!r} is unreadable: {error}") from None
+
+    def number(self, key: str, default: Any = _MISSING) -> Any:
+        value = self.value(key, default)
+        if value is not default and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ModelFormatError(f"{self.path}: GGUF metadata key {key!r} should be a number, not {value!r}")
+        return value
+
+    def count(self, key: str, default: Any = _MISSING) -> Any:
+        """A size or count: a positive integer."""
+        value = self.number(key, default)
+        if value is not default and (not isinstance(value, int) or value <= 0):
+            raise ModelFormatError(f"{self.path}: GGUF metadata key {key!r} should be a positive integer, "
+                                   f"not {value!r}")
+        return value
+
+    def details(self) -> dict[str, Any]:
+        counts = Counter(tensor.tensor_type.name for tensor in self.tensors.values())
+        bytes_by_type: Counter[str] = Counter()
+        for tensor in self.tensors.values():
+            bytes_by_type[tensor.tensor_type.name] += int(tensor.n_bytes)
+        return {
+            "quantization": bytes_by_type.most_common(1)[0][0] if bytes_by_type else None,
+            "tensor_types": dict(counts),
+            "bytes": self.path.stat().st_size,
+        }
+
+
+def read_config(file: GGUFFile) -> ModelConfig:
+    """The model's config, built as the config.json transformers would have written for it."""
+    architecture = file.value("general.architecture")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ModelFormatError(
+            f"GGUF architecture {architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    if file.number("split.count", 1) > 1:
+        raise ModelFormatError(f"{file.path} is one part of a split GGUF; merge the parts into one file first "
+                               "(llama.cpp's llama-gguf-split --merge)")
+    if file.number("llama.expert_count", 0):
+        raise ModelFormatError("mixture-of-experts Llama GGUFs (llama.expert_count > 0) are not supported")
+    check_tensor_names(file)
+
+    hidden_size = file.count("llama.embedding_length")
+    num_heads = file.count("llama.attention.head_count")
+    rope_dims = file.count("llama.rope.dimension_count", None)
+    head_dim = file.count("llama.attention.key_length", None) or rope_dims or hidden_size // num_heads
+    if rope_dims is not None and rope_dims != head_dim:
+        raise ModelFormatError(f"partial rotary embeddings (rope over {rope_dims} of {head_dim} dimensions) "
+                               "are not supported")
+    rope_theta = file.number("llama.rope.freq_base", 10000.0)
+    eos_ids = [file.number(f"tokenizer.ggml.{name}_token_id", None) for name in ("eos", "eot", "eom")]
+    data = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": file.count("llama.vocab_size", None) or len(file.value("tokenizer.ggml.tokens")),
+        "hidden_size": hidden_size,
+        "intermediate_size": file.count("llama.feed_forward_length"),
+        "num_hidden_layers": file.count("llama.block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": file.count("llama.attention.head_count_kv", num_heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": file.number("llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling(file, rope_theta, head_dim),
+        "max_position_embeddings": file.count("llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in file.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in file.tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in file.tensors,
+        "hidden_act": "silu",
+        "bos_token_id": file.number("tokenizer.ggml.bos_token_id", None),
+        # llama.cpp stops at any end-of-generation token: end of text, of turn, of message.
+        "eos_token_id": [token_id for token_id in eos_ids if token_id is not None],
+        "pad_token_id": file.number("tokenizer.ggml.padding_token_id", None),
+    }
+    return ModelConfig.from_dict(data)
+
+
+def rope_scaling(file: GGUFFile, rope_theta: float, head_dim: int) -> dict[str, Any] | None:
+    scaling_type = file.value("llama.rope.scaling.type", "none")
+    if ROPE_FREQS in file.tensors:
+        if scaling_type != "none":
+            raise ModelFormatError(f"{file.path} has both rope scaling {scaling_type!r} and {ROPE_FREQS}")
+        factors = gguf.quants.dequantize(file.tensors[ROPE_FREQS].data, file.tensors[ROPE_FREQS].tensor_type)
+        return llama3_rope_scaling(np.asarray(factors, dtype=np.float64), rope_theta, head_dim)
+    if scaling_type == "none":
+        return None
+    if scaling_type == "linear":
+        return {"rope_type": "linear", "factor": file.number("llama.rope.scaling.factor")}
+    return {"rope_type": scaling_type}  # ModelConfig refuses it, naming the types it supports
+
+
+def llama3_rope_scaling(factors: np.ndarray, rope_theta: float, head_dim: int) -> dict[str, Any] | None:
+    """Recover Llama 3's rope_scaling from the per-frequency divisors llama.cpp stores instead.
+
+    Llama 3 keeps fast frequencies (divisor 1), slows slow ones by ``factor`` and blends in between,
+    where 1/divisor = 1/factor + (1 - 1/factor) * smooth and smooth = (original/wavelength - low) /
+    (high - low) is linear in 1/wavelength. Scaling original, low and high together changes nothing,
+    so low = 1 and a line through the blended band give the rest; the result must reproduce every
+    divisor, or the file is refused rather than run with the wrong positions.
+    """
+    if np.allclose(factors, 1.0):
+        return None
+    wavelengths = 2 * math.pi * rope_theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if factors.shape != wavelengths.shape:
+        raise ModelFormatError(f"{ROPE_FREQS} has {factors.size} values; head_dim {head_dim} needs {wavelengths.size}")
+    factor = float(factors.max())
+    blended = ~np.isclose(factors, 1.0, rtol=1e-5) & ~np.isclose(factors, factor, rtol=1e-5)
+    unrecognised = ModelFormatError(f"{ROPE_FREQS} does not follow Llama 3's rope scaling, the only kind supported")
+    if blended.sum() < 2:
+        raise unrecognised
+    smooth = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelengths[blended], smooth, 1)  # smooth = slope/wavelength + intercept
+    if slope <= 0 or intercept >= 0:  # with low = 1 < high, intercept = -1/(high - 1)
+        raise unrecognised
+    high = 1 - 1 / intercept
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+               "original_max_position_embeddings": float(slope * (high - 1))}
+    if not np.allclose(llama3_divisors(scaling, wavelengths), factors, rtol=1e-4):
+        raise unrecognised
+    return scaling
+
+
+def llama3_divisors(scaling: dict[str, Any], wavelengths: np.ndarray) -> np.ndarray:
+    """What llama.cpp's converter writes to rope_freqs.weight for a Llama 3 rope_scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    smooth = (original / wavelengths - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelengths < original / high, 1.0, np.where(wavelengths > original / low, factor, blended))
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if not a Llama tensor."""
+    parts = gguf_name.split(".")
+    if parts[-1] not in ("weight", "bias"):
+        return None
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in MODEL_TENSORS:
+        return f"{MODEL_TENSORS[parts[0]]}.{parts[1]}"
+    return None
+
+
+def check_tensor_names(file: GGUFFile) -> None:
+    for name, tensor in file.tensors.items():
+        if name != ROPE_FREQS and hf_name(name) is None:
+            raise ModelFormatError(f"{file.path} has a tensor {name!r} that a Llama model does not have")
+        if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
+            raise ModelFormatError(
+                f"tensor {name!r} has type {tensor.tensor_type.name}, which is not supported "
+                f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
+            )
+
+
+def unpermute_rows(values: np.ndarray, heads: int) -> np.ndarray:
+    """Undo the row order llama.cpp's converter gives q and k.
+
+    llama.cpp's RoPE rotates adjacent pairs of a head's dimensions, Hugging Face's rotates its two
+    halves, so the converter interleaves each head's two halves: rows (h, 2, R/h/2) become
+    (h, R/h/2, 2). Reading rows as (h, R/h/2, 2) and swapping the middle axes restores them.
+    """
+    rows = values.shape[0]
+    if rows % (2 * heads):
+        raise ModelFormatError(f"a q/k tensor has {rows} rows, which does not split into {heads} heads")
+    return values.reshape(heads, rows // heads // 2, 2, *values.shape[1:]).swapaxes(1, 2).reshape(values.shape)
+
+
+class GGUFWeights:
+    """Lazy float32 tensors under Hugging Face names, dequantized (and un-permuted) on access."""
+
+    def __init__(self, file: GGUFFile, config: ModelConfig) -> None:
+        self.file = file
+        self.names = {hf_name(name): name for name in file.tensors if name != ROPE_FREQS}
+        # The heads each permuted tensor was interleaved with: q by all heads, k by the KV heads.
+        self.heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+
+    def keys(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> Any:
+        import torch
+
+        gguf_name = self.names[name]
+        tensor = self.file.tensors[gguf_name]
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        heads = self.heads.get(gguf_name.split(".")[-2])
+        if heads is not None:
+            values = unpermute_rows(values, heads)
+        # F32 tensors come back as read-only views of the memory map: copy those, never the rest.
+        return torch.from_numpy(np.require(values, np.float32, ["C", "W"]))

@@ -1,0 +1,104 @@
+"""Faster linear layers for CPU inference, swapped in after the weights are loaded.
+
+Decode is a chain of matrix-vector products, bound by how fast weights stream from memory. On
+CPU the default MKL GEMV reaches about a third of the machine's bandwidth (docs/performance.md),
+so each format here keeps weights in a layout whose kernel streams them at full speed:
+
+- float32 / bfloat16: oneDNN's prepacked weights (``mkldnn._linear_pointwise``);
+- int8: per-output-channel symmetric int8, bfloat16 activations (``_weight_int8pack_mm``);
+- int4: groups of 32 with a scale and a zero point each, bfloat16 activations
+  (``_weight_int4pack_mm_for_cpu``), the same layout as GGUF's Q4_1.
+
+Any architecture gets these by calling `convert_linears` on its modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZED_FORMATS = ("int8", "int4")
+INT4_GROUP_SIZE = 32
+
+
+def activation_dtype(weight_format: str) -> torch.dtype:
+    """The dtype activations (and norms, embeddings) use for a weight format."""
+    return torch.bfloat16 if weight_format in QUANTIZED_FORMATS else getattr(torch, weight_format)
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight oneDNN has reordered once for fast CPU products."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features = linear.out_features
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        rows, columns = weight.shape
+        groups = weight.reshape(rows, columns // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-10)
+        codes = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(rows, columns)
+        # The kernel computes (code - 8) * scale + zero, so zero is the group's value at code 8.
+        zero = low + 8 * scale
+        self.register_buffer("packed_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    @staticmethod
+    def supports(linear: nn.Linear) -> bool:
+        return linear.out_features % 16 == 0 and linear.in_features % INT4_GROUP_SIZE == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed_weight, INT4_GROUP_SIZE,
+                                              self.scales_and_zeros)
+        y = y.reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def convert_linear(linear: nn.Linear, weight_format: str, device: str) -> nn.Module:
+    """The fastest layer for this format on this device; unchanged where nothing beats F.linear."""
+    if device != "cpu":
+        return linear
+    if weight_format == "int8":
+        return Int8Linear(linear)
+    if weight_format == "int4":
+        return Int4Linear(linear) if Int4Linear.supports(linear) else Int8Linear(linear)
+    if weight_format in ("float32", "bfloat16") and torch.backends.mkldnn.is_available():
+        return PackedLinear(linear)
+    return linear
+
+
+def convert_linears(module: nn.Module, weight_format: str, device: str) -> None:
+    """Replace every nn.Linear below ``module`` (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, name, convert_linear(child, weight_format, device))
+        else:
+            convert_linears(child, weight_format, device)
+

@@ -1,0 +1,76 @@
+"""The torch backend's weight formats: packed float, int8 and int4 weight-only quantization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import influence_core as influence
+from influence_core import BackendError
+from influence_torch.linear import Int4Linear, Int8Linear, PackedLinear, convert_linear
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 48, bias=True)
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+def test_packed_linear_equals_f_linear(linear):
+    x = torch.randn(3, 5, 96)
+    assert torch.allclose(PackedLinear(linear)(x), linear(x), atol=1e-5)
+    packed_bf16 = PackedLinear(linear.to(torch.bfloat16))
+    assert torch.allclose(packed_bf16(x.bfloat16()).float(), linear(x.bfloat16()).float(), atol=0.05)
+
+
+def test_int8_linear_is_per_channel_symmetric_int8(linear):
+    layer = Int8Linear(linear)
+    dequantized = layer.weight.float() * layer.scale.float()[:, None]
+    assert (dequantized - linear.weight).abs().max() <= linear.weight.abs().max() / 127
+    x = torch.randn(4, 96).bfloat16()
+    expected = x.float() @ dequantized.t() + linear.bias
+    assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.05)
+
+
+def test_int4_linear_matches_its_groupwise_dequantization(linear):
+    layer = Int4Linear(linear)
+    weight = linear.weight.detach().reshape(48, 3, 32)
+    low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    dequantized = (torch.round((weight - low) / scale) * scale + low).reshape(48, 96)
+    assert (dequantized - linear.weight).abs().max() <= scale.max() / 2 + 1e-6
+    x = torch.randn(4, 96).bfloat16()
+    expected = x.float() @ dequantized.t() + linear.bias
+    assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.1)
+
+
+def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_pack():
+    assert isinstance(convert_linear(nn.Linear(40, 24), "int4", "cpu"), Int8Linear)  # 24 rows: not a multiple of 16
+
+
+def test_formats_leave_gpu_layers_alone(linear):
+    assert convert_linear(linear, "bfloat16", "cuda:0") is linear
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 0.15), ("int8", 0.3), ("int4", 1.0)])
+def test_reduced_formats_stay_close_to_float32(tiny_model, dtype, tolerance):
+    ids = [1, 17, 250, 33, 98, 5, 77, 310]
+    reference = influence.load(tiny_model, dtype="float32").logits(ids)
+    model = influence.load(tiny_model, dtype=dtype)
+    logits = model.logits(ids)
+    assert (logits - reference).abs().max() < tolerance
+    # The KV-cache path agrees with the full pass in the same format.
+    model.runner.forward(ids[:4], 0)
+    for position in range(4, len(ids)):
+        assert torch.allclose(model.runner.forward([ids[position]], position), logits[position], atol=0.05)
+
+
+def test_quantized_formats_are_cpu_only():
+    from influence_torch.backend import TorchBackend
+
+    with pytest.raises(BackendError, match="CPU only"):
+        TorchBackend().resolve_dtype("int4", "cuda:0")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -115,6 +116,7 @@ def main() -> None:
                                                         session_options=options, provider="CPUExecutionProvider")
     ids = prompt_ids(model.tokenizer, args.prompt_tokens)
 
+    load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
     # Warm-up: first-call allocations are not what the runs measure.
     measure_runner(model, ids, 2)
     measure_optimum(optimum, ids, 2)
@@ -140,6 +142,7 @@ def main() -> None:
         "model": str(source.path), "export": str(export), "threads": args.threads,
         "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
         "onnxruntime": onnxruntime.__version__, "influence_generate_tokens": generated,
+        "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "decode_tokens_per_s": {name: round(value, 1) for name, value in medians.items()},
         "decode_runs": {name: [round(v, 1) for v in values] for name, values in runs.items()},
         "prefill_tokens_per_s": {name: round(statistics.median(v), 1) for name, v in prefill.items()},
@@ -150,7 +153,8 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     print(f"{report['model']} | threads {args.threads} | prompt {len(ids)} tokens | {args.new_tokens} greedy tokens | "
-          f"median of {args.repeats} | onnxruntime {onnxruntime.__version__}")
+          f"median of {args.repeats} | onnxruntime {onnxruntime.__version__} | load average "
+          f"{report['load_average_1min']['before']} before, {report['load_average_1min']['after']} after")
     print(f"{'engine':<20} {'decode tok/s':>12} {'runs':>24} {'vs optimum':>11}")
     for name, values in runs.items():
         ratio = medians[name] / medians["optimum generate"]

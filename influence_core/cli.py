@@ -180,6 +180,32 @@ def _print_stats(result, model) -> None:
 
 
 @app.command()
+def compare(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.")],
+    backends: Annotated[str, typer.Option(
+        help="Backends to compare, comma-separated; NAME:DTYPE sets one's dtype (torch,onnx:int8).")] = "torch,onnx",
+    model_path: ModelPathOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    max_tokens: Annotated[int, typer.Option(help="Greedy tokens to generate on each backend.")] = 32,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Run the same greedy generation on several backends: texts, first divergent token, speeds."""
+    from .compare import compare_backends, parse_backends, print_comparison
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    comparison = compare_backends(prompt, parse_backends(backends), model=model_path, device=device, dtype=dtype,
+                                  threads=threads, max_tokens=max_tokens, raw=raw)
+    if as_json:
+        print(json.dumps(comparison.as_dict(), ensure_ascii=False))
+    else:
+        print_comparison(comparison)
+
+
+@app.command()
 def chat(
     model_path: ModelPathOption = None,
     model_name: ModelOption = None,

@@ -72,6 +72,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         generation = generation or {}
+        # transformers 5 writes rope_theta and the scaling together as "rope_parameters".
+        rope = dict(data.get("rope_parameters") or {})
+        rope_theta = data.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0
+        rope_scaling = data.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         try:
             hidden_size = int(data["hidden_size"])
             num_heads = int(data["num_attention_heads"])
@@ -86,8 +90,8 @@ class ModelConfig:
                 num_key_value_heads=int(data.get("num_key_value_heads") or num_heads),
                 head_dim=int(data.get("head_dim") or hidden_size // num_heads),
                 rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(data.get("rope_theta", 10000.0)),
-                rope_scaling=data.get("rope_scaling") or None,
+                rope_theta=float(rope_theta),
+                rope_scaling=rope_scaling,
                 max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
                 attention_bias=bool(data.get("attention_bias", False)),

@@ -49,6 +49,7 @@ class BatchEngine:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.cancelled = 0  # jobs dropped before they finished, in all (clients that went away)
 
     @property
     def busy_slots(self) -> int:
@@ -148,5 +149,6 @@ class BatchEngine:
     def _finish(self, job: Job) -> None:
         if job.generation.finish_reason is None:  # cancelled or failed before it finished
             job.generation.finished_at = time.perf_counter()
+            self.cancelled += job.cancelled
         job.done.set()
         job.deliver(None)

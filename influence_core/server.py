@@ -90,7 +90,7 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "active_slots": engine.busy_slots,
-                "queued": len(engine.pending), "max_batch": model.runner.max_batch}
+                "queued": len(engine.pending), "cancelled": engine.cancelled, "max_batch": model.runner.max_batch}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

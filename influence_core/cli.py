@@ -290,17 +290,53 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most requests decoding together (KV cache slots).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
     name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="Run the server as Ray Serve replicas (the ray extra), on "
+                                          "a local Ray instance or the cluster RAY_ADDRESS names.")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas, each with its own copy "
+                                                      "of the model.")] = 1,
+    autoscaling: Annotated[Optional[str], typer.Option(
+        metavar="JSON", help="With --ray: Ray Serve's autoscaling_config, e.g. "
+                             "'{\"min_replicas\": 1, \"max_replicas\": 4}'; replaces --replicas.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
     from .server import serve as run_server
     from .store import DEFAULT_MODEL
 
+    if use_ray:
+        _serve_with_ray(model_path, model_name, name, dict(backend=backend, device=device, dtype=dtype, threads=threads,
+                                                           max_batch=max_batch), host, port, max_queue, replicas,
+                        autoscaling)
+        return
     reference = _model_reference(model_path, model_name)
     model = _load(model_path, model_name, backend, device, dtype, threads, max_batch=max_batch)
     served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or model.source.path.stem))
     print(f"influence: serving {served_name} ({model.backend}, {model.device}, {model.dtype}) on "
           f"http://{host}:{port}/v1", file=sys.stderr)
     run_server(model, served_name, host, port, max_queue)
+
+
+def _serve_with_ray(model_path: Optional[Path], model_name: Optional[str], name: Optional[str], load_options: dict,
+                    host: str, port: int, max_queue: int, replicas: int, autoscaling: Optional[str]) -> None:
+    from .api import open_default_model, open_source
+
+    try:
+        from . import ray_serve
+    except ImportError:
+        raise InfluenceError("--ray needs Ray Serve: pip install 'influence[ray]'") from None
+    try:
+        autoscaling_config = json.loads(autoscaling) if autoscaling else None
+    except json.JSONDecodeError as error:
+        raise InfluenceError(f"--autoscaling is not JSON: {error}") from None
+    # Opened here once: the replicas then find the default model already converted into the store.
+    reference = _model_reference(model_path, model_name)
+    source = open_default_model() if reference is None else open_source(reference)
+    served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or source.path.stem))
+    # Replicas may start in another directory: a path goes to them absolute.
+    replica_model = str(model_path.resolve()) if model_path else model_name
+    app = ray_serve.deployment(replica_model, served_name, load_options, max_queue, replicas, autoscaling_config)
+    print(f"influence: serving {served_name} ({source.path.name}) with Ray Serve, "
+          f"{autoscaling or f'{replicas} replica(s)'}, on http://{host}:{port}/v1", file=sys.stderr)
+    ray_serve.run(app, host, port)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -166,3 +167,43 @@ def test_heads_that_do_not_divide_are_one_clear_error(tiny_models):
 def test_tensor_parallel_needs_one_process_per_rank(tiny_model):
     with pytest.raises(BackendError, match="torchrun --nproc-per-node 2"):
         influence.load(tiny_model, device="cpu", tensor_parallel=2)
+
+
+def test_the_cost_benchmark_runs_on_two_ranks(tiny_model):
+    script = Path(__file__).parent.parent / "benchmarks" / "tensor_parallel_costs.py"
+    ranks = start_ranks([sys.executable, str(script), "--model-path", str(tiny_model), "--steps", "4"],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finish(ranks)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr.read()
+    costs = json.loads(ranks[0].stdout.read())
+    assert costs["world_size"] == 2 and costs["all_reduces_per_step"] == 4 and costs["step_ms"] > 0
+    assert ranks[1].stdout.read() == ""
+
+
+# The NCCL path with the one GPU a device machine has: a single rank, so the all-reduces are trivial,
+# but process-group set-up, device placement and every collective call run as they do with several.
+ONE_NCCL_RANK_SCRIPT = f"""
+import sys, torch
+from influence_core.api import open_source
+from influence_core.plugins import get_registry
+from influence_torch.tensor_parallel import load_tensor_parallel
+
+source = open_source(sys.argv[2])
+runner = load_tensor_parallel(source, get_registry().architecture_for(source.config, "torch"), "cuda", "float32",
+                              256, 1, world_size=1)
+assert runner.device == "cuda:0" and torch.distributed.get_backend() == "nccl"
+runner.shared_seed()
+torch.save(runner.forward({PROMPT_IDS}, 0, all_logits=True).cpu(), sys.argv[1])
+runner.close()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_nccl_rank_on_cuda_gives_the_logits_of_one_process(tiny_model, tmp_path):
+    saved = tmp_path / "logits.pt"
+    ranks = start_ranks([sys.executable, "-c", ONE_NCCL_RANK_SCRIPT, str(saved), str(tiny_model)], world_size=1,
+                        stderr=subprocess.PIPE, text=True)
+    finish(ranks)
+    assert ranks[0].returncode == 0, ranks[0].stderr.read()
+    expected = influence.load(tiny_model, device="cuda", dtype="float32").logits(PROMPT_IDS).cpu()
+    assert (torch.load(saved) - expected).abs().max() < 1e-5

@@ -80,7 +80,8 @@ def _join_process_group(device: str, world_size: int) -> tuple[int, str]:
     if device.startswith("cuda"):
         if torch.cuda.device_count() <= local_rank:
             raise BackendError(f"tensor-parallel rank {rank} needs cuda:{local_rank}, but this machine has "
-                               f"{torch.cuda.device_count()} CUDA device(s); use as many ranks as GPUs, or --device cpu")
+                               f"{torch.cuda.device_count()} CUDA device(s); use as many ranks as GPUs, "
+                               "or --device cpu")
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     elif device != "cpu":

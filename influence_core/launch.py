@@ -44,6 +44,8 @@ def launch(world_size: int, argv: list[str]) -> None:
     """Run ``influence ARGV`` as ranks 0..world_size-1 on this machine; return when all succeed,
     raise `InfluenceError` naming the first rank that failed (after stopping the rest)."""
     port = _free_port()
+    # Stopped with SIGTERM, the launcher stops its ranks too (through the finally below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # The ranks share this machine's cores; torch would otherwise give each rank all of them.
     threads = str(max(1, (os.cpu_count() or 1) // world_size))
     workers = []

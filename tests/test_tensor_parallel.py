@@ -138,6 +138,22 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(long_context_model
     assert not psutil.Process().children(recursive=True), "a rank outlived the launcher"
 
 
+def test_stopping_the_launcher_stops_its_ranks(long_context_model):
+    launcher = subprocess.Popen([*CLI, "generate", "hello", "-p", str(long_context_model), "--raw", "--device", "cpu",
+                                 "--tensor-parallel", "2", "--temperature", "0", "--max-tokens", "8000"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert os.read(launcher.stdout.fileno(), 1), "the ranks never started generating"
+        ranks = psutil.Process(launcher.pid).children()
+        launcher.terminate()
+        launcher.wait(30)
+        psutil.wait_procs(ranks, timeout=10)
+    finally:
+        finish([launcher])
+    assert launcher.returncode == 128 + signal.SIGTERM
+    assert len(ranks) == 2 and not any(rank.is_running() for rank in ranks)
+
+
 def test_under_torchrun_a_dead_rank_is_a_clear_error_on_the_others(long_context_model):
     # Nobody watches these ranks, as under a launcher that does not stop the rest: rank 0 must see for
     # itself that its peer is gone.

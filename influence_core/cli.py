@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from .errors import ContextLengthError, InfluenceError
+from .launch import worker_rank
 from .store import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -56,11 +57,11 @@ def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> O
 
 
 def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
-          threads: Optional[int] = None, max_batch: Optional[int] = None):
+          threads: Optional[int] = None, max_batch: Optional[int] = None, tensor_parallel: Optional[int] = None):
     from .api import load
 
     return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
-                threads=threads, max_batch=max_batch)
+                threads=threads, max_batch=max_batch, tensor_parallel=tensor_parallel)
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -94,6 +95,7 @@ def _sampler_options(pairs: list[str]) -> dict:
 
 @app.command()
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(help="The prompt; '-' reads it from stdin.")] = None,
     model_path: ModelPathOption = None,
     model_name: ModelOption = None,
@@ -120,20 +122,28 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(help="With --prompts-file: most prompts decoding together.")] = 8,
+    tensor_parallel: Annotated[int, typer.Option(
+        min=1, help="Split the model across N processes (N GPUs with NCCL, or CPU processes with gloo). Starts "
+                    "them itself, or runs as one of them under `torchrun --nproc-per-node N`.")] = 1,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                    sampler=sampler, sampler_options=_sampler_options(option or []))
+    if tensor_parallel > 1 and _start_ranks(ctx, prompt, _model_reference(model_path, model_name), tensor_parallel):
+        return
     if prompts_file is not None:
         _generate_batch(prompts_file, _model_reference(model_path, model_name), backend, device, dtype, threads,
-                        max_batch, options)
+                        max_batch, tensor_parallel, options)
         return
     if prompt is None:
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = sys.stdin.read()
-    model = _load(model_path, model_name, backend, device, dtype, threads)
+    model = _load(model_path, model_name, backend, device, dtype, threads, tensor_parallel=tensor_parallel)
+    if tensor_parallel > 1 and seed is None:
+        options["seed"] = model.runner.shared_seed()  # every rank must sample alike
+    stats = stats and not worker_rank()  # only rank 0 reports
     stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
@@ -155,7 +165,8 @@ def generate(
         _print_stats(result, model)
 
 
-def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, options) -> None:
+def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,
+                    options) -> None:
     try:
         prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
@@ -165,10 +176,34 @@ def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, 
     from .api import load
 
     loaded = load(model, backend=backend, device=device, dtype=dtype, threads=threads,
-                  max_batch=min(max_batch, len(prompts)))
+                  max_batch=min(max_batch, len(prompts)), tensor_parallel=tensor_parallel)
+    if tensor_parallel > 1 and options["seed"] is None:
+        options["seed"] = loaded.runner.shared_seed()  # every rank must sample alike
     for prompt, result in zip(prompts, loaded.generate_batch(prompts, **options)):
         print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason, **result.stats.as_dict()}, ensure_ascii=False))
+
+
+def _start_ranks(ctx: typer.Context, prompt: Optional[str], model, tensor_parallel: int) -> bool:
+    """Outside torchrun, run this command as ``tensor_parallel`` ranks and return True once they
+    finish; inside a rank, keep stdout for rank 0 only and return False."""
+    from .launch import check_splittable, launch
+
+    if prompt == "-":
+        raise InfluenceError("--tensor-parallel reads no prompt from stdin (every rank needs it); "
+                             "give it as an argument or with --prompts-file")
+    rank = worker_rank()
+    if rank is None:
+        from .api import open_default_model, open_source
+
+        # Checked here, once, rather than by every rank; opening the default model also converts it
+        # into the store before the ranks start (they would race to do it).
+        check_splittable((open_default_model() if model is None else open_source(model)).config, tensor_parallel)
+        launch(tensor_parallel, ctx.obj)
+        return True
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")
+    return False
 
 
 def _print_stats(result, model) -> None:
@@ -281,17 +316,53 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most requests decoding together (KV cache slots).")] = 8,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
     name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray", help="Run the server as Ray Serve replicas (the ray extra), on "
+                                          "a local Ray instance or the cluster RAY_ADDRESS names.")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: how many replicas, each with its own copy "
+                                                      "of the model.")] = 1,
+    autoscaling: Annotated[Optional[str], typer.Option(
+        metavar="JSON", help="With --ray: Ray Serve's autoscaling_config, e.g. "
+                             "'{\"min_replicas\": 1, \"max_replicas\": 4}'; replaces --replicas.")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
     from .server import serve as run_server
     from .store import DEFAULT_MODEL
 
+    if use_ray:
+        _serve_with_ray(model_path, model_name, name, dict(backend=backend, device=device, dtype=dtype, threads=threads,
+                                                           max_batch=max_batch), host, port, max_queue, replicas,
+                        autoscaling)
+        return
     reference = _model_reference(model_path, model_name)
     model = _load(model_path, model_name, backend, device, dtype, threads, max_batch=max_batch)
     served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or model.source.path.stem))
     print(f"influence: serving {served_name} ({model.backend}, {model.device}, {model.dtype}) on "
           f"http://{host}:{port}/v1", file=sys.stderr)
     run_server(model, served_name, host, port, max_queue)
+
+
+def _serve_with_ray(model_path: Optional[Path], model_name: Optional[str], name: Optional[str], load_options: dict,
+                    host: str, port: int, max_queue: int, replicas: int, autoscaling: Optional[str]) -> None:
+    from .api import open_default_model, open_source
+
+    try:
+        from . import ray_serve
+    except ImportError:
+        raise InfluenceError("--ray needs Ray Serve: pip install 'influence[ray]'") from None
+    try:
+        autoscaling_config = json.loads(autoscaling) if autoscaling else None
+    except json.JSONDecodeError as error:
+        raise InfluenceError(f"--autoscaling is not JSON: {error}") from None
+    # Opened here once: the replicas then find the default model already converted into the store.
+    reference = _model_reference(model_path, model_name)
+    source = open_default_model() if reference is None else open_source(reference)
+    served_name = name or (DEFAULT_MODEL.name if reference is None else str(model_name or source.path.stem))
+    # Replicas may start in another directory: a path goes to them absolute.
+    replica_model = str(model_path.resolve()) if model_path else model_name
+    app = ray_serve.deployment(replica_model, served_name, load_options, max_queue, replicas, autoscaling_config)
+    print(f"influence: serving {served_name} ({source.path.name}) with Ray Serve, "
+          f"{autoscaling or f'{replicas} replica(s)'}, on http://{host}:{port}/v1", file=sys.stderr)
+    ray_serve.run(app, host, port)
 
 
 @app.command()
@@ -519,7 +590,9 @@ def run(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning errors into one line and a non-zero exit."""
     try:
         _add_plugin_commands()
-        app(args=_join_option_pairs(sys.argv[1:] if argv is None else argv), prog_name="influence")
+        args = _join_option_pairs(sys.argv[1:] if argv is None else argv)
+        # Commands that run themselves again (generate --tensor-parallel) find their arguments in ctx.obj.
+        app(args=args, prog_name="influence", obj=args)
     except InfluenceError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)

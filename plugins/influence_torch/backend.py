@@ -88,13 +88,19 @@ class TorchBackend(Backend):
              options: dict[str, Any]) -> Runner:
         import torch
 
-        unknown = set(options) - {"threads", "context_length", "max_batch"}
+        unknown = set(options) - {"threads", "context_length", "max_batch", "tensor_parallel"}
         if unknown:
             raise BackendError(f"backend 'torch' has no option {sorted(unknown)[0]!r} "
-                               "(options: threads, context_length, max_batch)")
+                               "(options: threads, context_length, max_batch, tensor_parallel)")
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
         context_length = min(int(options.get("context_length") or source.config.context_length),
                              source.config.context_length)
+        max_batch = int(options.get("max_batch") or 1)
+        tensor_parallel = int(options.get("tensor_parallel") or 1)
+        if tensor_parallel > 1:
+            from .tensor_parallel import load_tensor_parallel
+
+            return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
         model = architecture.build(source.config, source.weights(), device, dtype)
-        return TorchRunner(model, device, context_length, max_batch=int(options.get("max_batch") or 1))
+        return TorchRunner(model, device, context_length, max_batch=max_batch)

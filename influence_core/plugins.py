@@ -2,7 +2,11 @@
 
 Plugins come from the ``influence`` entry-point group (ours and third parties' alike) or are
 registered in-process with `register_plugin`. A plugin that fails to import, or raises while
-registering, is skipped with one warning line; the rest keep working.
+registering, is skipped with one warning line; the rest keep working. So is a plugin written for
+hook specs this core does not provide (see `hookspecs.HOOKSPEC_VERSION`).
+
+``INFLUENCE_TRACE_PLUGINS=1`` prints to stderr which plugins load, each hook call, the
+implementations it calls in order and what each registered.
 """
 
 from __future__ import annotations
@@ -20,11 +24,23 @@ import pluggy
 
 from . import hookspecs
 from .config import ModelConfig
-from .errors import BackendError, ModelNotFoundError, SamplingError, UnsupportedArchitectureError
+from .errors import (
+    BackendError,
+    ModelNotFoundError,
+    PluginVersionError,
+    SamplingError,
+    UnsupportedArchitectureError,
+)
 from .interfaces import Architecture, Backend, ModelLoader, Sampler
 
 ENTRY_POINT_GROUP = "influence"
 LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
+TRACE_PLUGINS_ENV = "INFLUENCE_TRACE_PLUGINS"
+HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
+
+# Architecture plugins published for model types the core does not build itself, so that a model
+# whose plugin is missing fails saying what to install.
+KNOWN_ARCHITECTURE_PLUGINS = {"qwen2": "influence-qwen2", "mistral": "influence-mistral"}
 
 hookimpl = pluggy.HookimplMarker("influence")
 
@@ -39,6 +55,11 @@ REGISTER_HOOKS: dict[str, tuple[type, str]] = {
 
 def warn(message: str) -> None:
     print(f"influence: warning: {message}", file=sys.stderr)
+
+
+def trace(message: str) -> None:
+    if os.environ.get(TRACE_PLUGINS_ENV, "") not in ("", "0"):
+        print(f"influence: trace: {message}", file=sys.stderr)
 
 
 @dataclass
@@ -93,6 +114,19 @@ class Registry:
             if architecture.backend == backend and architecture.matches(config):
                 return architecture
         wanted = config.model_type or ", ".join(config.architectures) or "unknown"
+        elsewhere = [a for a in self.architectures if a.matches(config)]
+        if elsewhere:
+            built_for = ", ".join(f"{a.backend} (plugin {self.provided_by(a)})" for a in elsewhere)
+            raise UnsupportedArchitectureError(
+                f"no installed plugin builds model type {wanted!r} for backend {backend!r} "
+                f"(it is built for: {built_for})"
+            )
+        if config.model_type in KNOWN_ARCHITECTURE_PLUGINS:
+            package = KNOWN_ARCHITECTURE_PLUGINS[config.model_type]
+            raise UnsupportedArchitectureError(
+                f"model type {wanted!r} needs an architecture plugin: pip install {package} "
+                f"(it is not installed, or {LOAD_PLUGINS_ENV} leaves it out)"
+            )
         installed = ", ".join(
             f"{a.name} ({a.backend}, plugin {self.provided_by(a)})" for a in self.architectures
         ) or "none"
@@ -129,12 +163,42 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
         if manager.has_plugin(entry_point.name):
             continue
         try:
-            manager.register(entry_point.load(), name=entry_point.name)
+            plugin = entry_point.load()
+            check_hookspec_version(plugin, f"{entry_point.name!r} ({entry_point.value})")
+            manager.register(plugin, name=entry_point.name)
+        except PluginVersionError as refused:
+            warn(f"{refused}; it was skipped")
+            continue
         except Exception as error:  # a broken plugin must not break the CLI
             warn(f"plugin {entry_point.name!r} ({entry_point.value}) was skipped: it failed to load: "
                  f"{type(error).__name__}: {error}")
             continue
+        dist = f" from {entry_point.dist.name} {entry_point.dist.version}" if entry_point.dist else ""
+        trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){dist}")
         _warn_unknown_hooks(manager, entry_point.name)
+
+
+def _version_pair(version: str) -> tuple[int, int]:
+    major, minor = str(version).split(".")
+    return int(major), int(minor)
+
+
+def check_hookspec_version(plugin: object, name: str) -> None:
+    """Refuse ``plugin`` unless it runs on this core's hook specs: the majors must be equal, and the
+    plugin must not need a minor version (new hooks or arguments) newer than the core's."""
+    wanted = getattr(plugin, HOOKSPEC_VERSION_ATTRIBUTE, "1.0")
+    try:
+        major, minor = _version_pair(wanted)
+    except ValueError:
+        raise PluginVersionError(f"plugin {name} declares {HOOKSPEC_VERSION_ATTRIBUTE} = {wanted!r}, "
+                                 'which is not a MAJOR.MINOR version such as "1.0"') from None
+    core_major, core_minor = _version_pair(hookspecs.HOOKSPEC_VERSION)
+    if major == core_major and minor <= core_minor:
+        return
+    remedy = ("upgrade influence" if (major, minor) > (core_major, core_minor)
+              else f"install a release of the plugin written for hook spec {core_major}.x")
+    raise PluginVersionError(f"plugin {name} was written for influence hook spec {wanted}, but this "
+                             f"influence provides hook spec {hookspecs.HOOKSPEC_VERSION}: {remedy}")
 
 
 def _warn_unknown_hooks(manager: pluggy.PluginManager, name: str) -> None:
@@ -144,7 +208,9 @@ def _warn_unknown_hooks(manager: pluggy.PluginManager, name: str) -> None:
 
 
 def register_plugin(plugin: object, name: str | None = None) -> None:
-    """Register a plugin object (module or class with hookimpls) in this process."""
+    """Register a plugin object (module or class with hookimpls) in this process; one written for
+    other hook specs is refused with a `PluginVersionError` naming both versions."""
+    check_hookspec_version(plugin, repr(name or getattr(plugin, "__name__", plugin)))
     get_plugin_manager().register(plugin, name=name)
     get_registry.cache_clear()
 
@@ -181,10 +247,18 @@ def _guarded(plugin_name: str, hook_name: str, call: Callable[[], None]) -> bool
     return True
 
 
+def _trace_call(hook_name: str, implementations: list[tuple[str, Any]]) -> None:
+    trace(f"{hook_name}: calling {', '.join(name for name, _ in implementations) or 'no implementations'}")
+
+
 def call_each_implementation(hook_name: str, **kwargs: Any) -> None:
-    """Call every implementation of a hook on its own, skipping (with a warning) any that raises."""
-    for plugin_name, impl in _implementations(get_plugin_manager(), hook_name):
-        _guarded(plugin_name, hook_name, lambda: impl.function(*[kwargs[arg] for arg in impl.argnames]))
+    """Call every implementation of a hook on its own, skipping (with a warning) any that raises.
+    Each is passed only the arguments it names, so one written before an argument was added works."""
+    implementations = _implementations(get_plugin_manager(), hook_name)
+    _trace_call(hook_name, implementations)
+    for plugin_name, impl in implementations:
+        if _guarded(plugin_name, hook_name, lambda: impl.function(*[kwargs[arg] for arg in impl.argnames])):
+            trace(f"  {plugin_name}: done")
 
 
 def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
@@ -192,7 +266,9 @@ def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
     """Each plugin's registered items, in call order; a plugin's items count only if its whole
     implementation succeeded and registered the right kind of thing."""
     results = []
-    for plugin_name, impl in _implementations(manager, hook_name):
+    implementations = _implementations(manager, hook_name)
+    _trace_call(hook_name, implementations)
+    for plugin_name, impl in implementations:
         items: list[Any] = []
 
         def call() -> None:
@@ -202,8 +278,15 @@ def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
                 raise TypeError(f"{hook_name} got {wrong[0]!r}, expected a {item_type.__name__}")
 
         if _guarded(plugin_name, hook_name, call):
+            described = ", ".join(_describe(item, item_type) for item in items)
+            trace(f"  {plugin_name} registered: {described or 'nothing'}")
             results.append((plugin_name, items))
     return results
+
+
+def _describe(item: Any, item_type: type) -> str:
+    backend = f" for backend {item.backend!r}" if isinstance(item, Architecture) else ""
+    return f"{item_type.__name__} {item.name!r}{backend}"
 
 
 def list_plugins() -> list[PluginInfo]:

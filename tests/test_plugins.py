@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from influence_core import hookimpl
-from influence_core.plugins import get_registry
+from influence_core import hookimpl, register_plugin
+from influence_core.interfaces import Architecture, Sampler
+from influence_core.plugins import call_each_implementation, get_registry
 
 INFLUENCE = [sys.executable, "-c", "from influence_core.cli import run; run()"]
 
@@ -143,3 +144,115 @@ def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
     run = influence(site, "hello", "plugins")
     assert run.returncode == 0 and run.stdout == "hello plugins\n"
     assert "bad-command" in run.stderr and "no commands today" in run.stderr
+
+
+def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
+    for name, version in [("next-major", "2.0"), ("next-minor", "1.1"), ("older-major", "0.9"), ("current", "1.0")]:
+        install_fake_distribution(site, name, "0.1", name.replace("-", "_"), f'''
+            from influence_core import hookimpl
+            influence_hookspec_version = "{version}"
+
+            @hookimpl
+            def register_samplers(register):
+                pass
+        ''')
+    listing = influence(site, "plugins", "--json")
+    assert {"current", "shift-sampler"} <= {p["name"] for p in json.loads(listing.stdout)}
+    assert not {"next-major", "next-minor", "older-major"} & {p["name"] for p in json.loads(listing.stdout)}
+    warnings = listing.stderr.splitlines()
+    assert ("influence: warning: plugin 'next-major' (next_major) was written for influence hook spec 2.0, but this "
+            "influence provides hook spec 1.0: upgrade influence; it was skipped") in warnings
+    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.1, but this "
+            "influence provides hook spec 1.0: upgrade influence; it was skipped") in warnings
+    assert ("influence: warning: plugin 'older-major' (older_major) was written for influence hook spec 0.9, but this "
+            "influence provides hook spec 1.0: install a release of the plugin written for hook spec 1.x; "
+            "it was skipped") in warnings
+
+
+class FromTheFuture:
+    influence_hookspec_version = "2.0"
+
+
+def test_registering_a_plugin_for_other_hook_specs_in_process_is_refused():
+    from influence_core.errors import PluginVersionError
+
+    with pytest.raises(PluginVersionError, match="'future' was written for influence hook spec 2.0, but this "
+                                                 "influence provides hook spec 1.0"):
+        register_plugin(FromTheFuture, name="future")
+
+
+class WithoutArguments:
+    called = False
+
+    @staticmethod
+    @hookimpl
+    def register_commands():
+        WithoutArguments.called = True
+
+
+def test_an_implementation_taking_fewer_arguments_than_the_spec_is_called(plugin):
+    plugin(WithoutArguments, "without-arguments")
+    call_each_implementation("register_commands", cli=object())
+    assert WithoutArguments.called
+
+
+def test_adding_an_argument_to_a_spec_keeps_older_plugins_working():
+    """A spec that grew an argument (a later minor version) still calls an implementation written
+    before it, passing only the arguments that implementation names."""
+    import pluggy
+
+    from influence_core.plugins import _call_register_hook
+
+    class GrownSpecs:
+        @staticmethod
+        @pluggy.HookspecMarker("influence")
+        def register_samplers(register, core_version):
+            """register_samplers with an argument added after the plugin below was written."""
+
+    class OlderPlugin:
+        @staticmethod
+        @hookimpl
+        def register_samplers(register):
+            register(Sampler("older", "picker", lambda: None))
+
+    manager = pluggy.PluginManager("influence")
+    manager.add_hookspecs(GrownSpecs)
+    manager.register(OlderPlugin, name="older")
+    [(name, items)] = _call_register_hook(manager, "register_samplers", Sampler)
+    assert name == "older" and [item.name for item in items] == ["older"]
+
+
+def test_influence_trace_plugins_shows_each_hook_call_and_what_each_plugin_registered(site):
+    run = influence(site, "plugins", "--json", INFLUENCE_TRACE_PLUGINS="1",
+                    INFLUENCE_LOAD_PLUGINS="samplers,shift-sampler")
+    trace = [line for line in run.stderr.splitlines() if line.startswith("influence: trace: ")]
+    assert "influence: trace: loaded plugin 'shift-sampler' (shift_sampler) from shift-sampler 1.2.3" in trace
+    assert "influence: trace: register_samplers: calling shift-sampler, samplers" in trace
+    assert "influence: trace:   shift-sampler registered: Sampler 'shift'" in trace
+    assert "influence: trace:   samplers registered: Sampler 'repetition_penalty', Sampler 'temperature', " \
+           "Sampler 'top_k', Sampler 'top_p', Sampler 'min_p', Sampler 'argmax', Sampler 'sample'" in trace
+    assert "influence: trace: register_backends: calling no implementations" in trace
+    quiet = influence(site, "plugins", "--json", INFLUENCE_LOAD_PLUGINS="samplers,shift-sampler")
+    assert "trace" not in quiet.stderr
+
+
+def test_a_model_whose_architecture_plugin_is_missing_names_the_plugin_to_install(site, influence_tiny_model):
+    run = influence(site, "generate", "t5", "--raw", "-p", str(influence_tiny_model("qwen2")),
+                    INFLUENCE_LOAD_PLUGINS="torch,samplers,safetensors")
+    assert run.returncode == 1
+    assert run.stderr.strip() == ("error: model type 'qwen2' needs an architecture plugin: pip install influence-qwen2 "
+                                  "(it is not installed, or INFLUENCE_LOAD_PLUGINS leaves it out)")
+
+
+def test_a_model_built_only_for_another_backend_names_the_backends_it_has():
+    from influence_core.config import ModelConfig
+    from influence_core.errors import UnsupportedArchitectureError
+    from influence_core.plugins import Registry
+
+    registry = Registry()
+    registry.add("architectures", Architecture("qwen2", "torch", ("qwen2",), lambda *args: None), "qwen2")
+    config = ModelConfig.from_dict({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8,
+                                    "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})
+    with pytest.raises(UnsupportedArchitectureError, match=r"model type 'qwen2' for backend 'other' "
+                                                           r"\(it is built for: torch \(plugin qwen2\)\)"):
+        registry.architecture_for(config, "other")

@@ -1,0 +1,117 @@
+"""The conformance kit (influence_core.testing): our shipped plugins pass it, and it catches the
+mistakes it exists to catch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from influence_core import hookimpl, testing
+from influence_core.interfaces import Architecture, Sampler
+
+BUILT_IN_SAMPLERS = {
+    # name: (valid options, options create must reject)
+    "repetition_penalty": ({"penalty": 1.3}, [{"penalty": 0}, {"penalty": "high"}]),
+    "temperature": ({"temperature": 0.7}, [{"temperature": 0}, {"temperature": -1}]),
+    "top_k": ({"k": 5}, [{"k": 0}, {"k": 2.5}]),
+    "top_p": ({"p": 0.8}, [{"p": 0}, {"p": 1.5}]),
+    "min_p": ({"p": 0.1}, [{"p": -0.1}, {"p": 2}]),
+    "argmax": ({}, []),
+    "sample": ({}, []),
+}
+
+
+def test_the_torch_llama_conforms(influence_tiny_model):
+    testing.check_architecture(influence_tiny_model("llama", attention_bias=True))
+
+
+def test_the_torch_backend_conforms(influence_tiny_model):
+    testing.check_backend("torch", influence_tiny_model())
+
+
+@pytest.mark.parametrize("name", sorted(BUILT_IN_SAMPLERS))
+def test_the_built_in_samplers_conform(name):
+    options, bad_options = BUILT_IN_SAMPLERS[name]
+    testing.check_sampler(name, options, bad_options=bad_options)
+
+
+class WindowlessMistral:
+    """A Mistral that forgets its sliding window: right until the prompt outgrows the window."""
+
+    @staticmethod
+    @hookimpl(tryfirst=True)
+    def register_architectures(register):
+        def build(config, weights, device, dtype):
+            from influence_torch.llama import build_llama
+
+            return build_llama(config, weights, device, dtype)
+
+        register(Architecture("windowless", "torch", ("mistral",), build))
+
+
+def test_the_kit_catches_an_architecture_that_ignores_the_window(influence_tiny_model, influence_plugin):
+    influence_plugin(WindowlessMistral, "windowless")
+    with pytest.raises(AssertionError, match="prefill logits on cpu: differs from the reference"):
+        testing.check_architecture(influence_tiny_model("mistral", sliding_window=5), devices=["cpu"])
+
+
+def masks_in_place():
+    def process(logits, context):
+        logits[logits < 0] = float("-inf")
+        return logits
+    return process
+
+
+def masks_with_a_large_negative():
+    return lambda logits, context: logits.masked_fill((logits < 0) & logits.isfinite(), -1e9)
+
+
+def accepts_anything(**options):
+    return lambda logits, context: logits
+
+
+def picks_a_tensor():
+    return lambda logits, context: logits.argmax()
+
+
+@pytest.mark.parametrize("sampler, message", [
+    (Sampler("in-place", "processor", masks_in_place), "changed the logits it was given"),
+    (Sampler("large-negative", "processor", masks_with_a_large_negative), "finite stand-in for -inf"),
+    (Sampler("lenient", "processor", accepts_anything), r"create\(\*\*\{'strength': -1\}\) raised nothing"),
+    (Sampler("tensor-picker", "picker", picks_a_tensor), "returned Tensor, not int"),
+])
+def test_the_kit_catches_a_sampler_breaking_the_contract(sampler, message):
+    with pytest.raises(AssertionError, match=message):
+        testing.check_sampler(sampler, bad_options=[{"strength": -1}] if sampler.name == "lenient" else [])
+
+
+def test_the_kit_catches_a_backend_that_accepts_any_device(influence_tiny_model):
+    from influence_torch.backend import TorchBackend
+
+    class Agreeable(TorchBackend):
+        name = "agreeable"
+
+        def resolve_device(self, requested):
+            return "cpu"
+
+    with pytest.raises(AssertionError, match=r"resolve_device\('.*'\) raised nothing"):
+        testing.check_backend(Agreeable(), influence_tiny_model())
+
+
+def test_the_fixtures_load_with_pytest_p_when_autoloading_is_off(tmp_path):
+    (tmp_path / "test_uses_the_kit.py").write_text(textwrap.dedent('''
+        def test_fixture(influence_plugin):
+            class Nothing:
+                pass
+            influence_plugin(Nothing, "nothing")
+    '''))
+    environment = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "influence_core.testing",
+                          "-p", "no:cacheprovider", str(tmp_path)],
+                         capture_output=True, text=True, env=environment, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "1 passed" in run.stdout

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from influence_core.errors import BackendError, ContextLengthError, ModelFormatError
+from influence_core.errors import BackendError, ContextLengthError
 from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
 
 from .export import damaged, export_for, model_file
@@ -122,9 +122,11 @@ def open_session(export: Path, path: Path, device: str, threads: int | None, opt
     options.log_severity_level = 3  # errors only: its warnings about optimized-model files are expected
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=providers)
-    except Exception as error:  # ONNX Runtime raises its own types for unreadable or invalid graphs
+    except Exception as error:  # ONNX Runtime raises its own types, for bad graphs and for devices alike
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise damaged(export, f"ONNX Runtime cannot load {path}: {reason}") from None
+        if any(mark in reason for mark in ("INVALID_PROTOBUF", "INVALID_GRAPH", "Load model from")):
+            raise damaged(export, f"ONNX Runtime cannot load {path}: {reason}") from None
+        raise BackendError(f"ONNX Runtime could not open {path} on {device}: {reason}") from None
     if options.optimized_model_filepath:
         Path(options.optimized_model_filepath).rename(optimized)
     if session.get_providers()[0] != provider:  # ONNX Runtime falls back to the CPU when CUDA fails to start

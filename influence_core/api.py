@@ -60,7 +60,7 @@ def _open_stored(path: Path) -> ModelSource:
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
          dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
-         max_batch: int | None = None, tensor_parallel: int | None = None) -> Model:
+         max_batch: int | None = None, tensor_parallel: int | None = None, compiled: bool = False) -> Model:
     """Load ``model`` onto a backend and device: a path, a model name (ORG/NAME on the Hugging Face
     hub, downloaded on first use; a name in the store; an alias), an opened `ModelSource`, or None
     for the default model.
@@ -69,6 +69,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
     ``max_batch`` is how many sequences may decode together (serving). ``tensor_parallel`` splits the
     model across that many processes, this one among them (started by torchrun; see docs/scaling.md).
+    ``compiled`` asks the backend to compile its one-token decode step (torch: torch.compile; the
+    first call takes tens of seconds, then decode runs about twice as fast on CPU).
     """
     started = time.perf_counter()
     registry = get_registry()
@@ -82,7 +84,7 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
                {"threads": threads, "context_length": context_length, "max_batch": max_batch,
-                "tensor_parallel": tensor_parallel}.items()
+                "tensor_parallel": tensor_parallel, "compile": compiled or None}.items()
                if value is not None}
     runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,

@@ -34,10 +34,11 @@ class Case:
     engine: str  # one of our backends ("torch", "onnx", ...) or a reference engine
     dtype: str
     reference: bool = False
+    compiled: bool = False  # our backend's compiled decode step
 
     @property
     def label(self) -> str:
-        return f"{self.engine} {self.dtype}"
+        return f"{self.engine}{' compiled' if self.compiled else ''} {self.dtype}"
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
 
     started = time.perf_counter()
     model = influence_core.load(settings.model, backend=case.engine, device=settings.device, dtype=case.dtype,
-                                threads=settings.threads)
+                                threads=settings.threads, compiled=case.compiled)
     result.load_s = time.perf_counter() - started
     result.weight_bytes_per_token = weight_bytes_per_token(model.config, case.dtype)
     runner = model.runner
@@ -99,8 +100,9 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
     def synchronized(logits: Any) -> int:
         return int(logits.argmax())  # also waits for the device
 
-    # Warm-up: first-call allocations and kernel selection are not what pp and tg measure.
+    # Warm-up: first-call allocations, kernel selection and compilation are not what pp and tg measure.
     synchronized(runner.forward([synchronized(runner.forward(ids, 0))], len(ids)))
+    synchronized(runner.forward([ids[0]], len(ids) + 1))
     for _ in range(settings.repetitions):
         elapsed = _timed(lambda: synchronized(runner.forward(ids, 0)))
         result.pp_tokens_per_s.append(len(ids) / elapsed)
@@ -304,7 +306,8 @@ def summarise(results: list[Measurement], bandwidth: float) -> list[dict[str, An
         tg = median(m.tg_tokens_per_s)
         roofline = bandwidth * 1e9 / m.weight_bytes_per_token if m.weight_bytes_per_token else 0.0
         row = {
-            "engine": m.case.engine, "dtype": m.case.dtype, "reference": m.case.reference, "error": m.error,
+            "engine": m.case.engine, "dtype": m.case.dtype, "reference": m.case.reference,
+            "compiled": m.case.compiled, "error": m.error,
             "load_s": round(m.load_s, 3),
             "pp_tokens_per_s": round(median(m.pp_tokens_per_s), 1), "pp_spread": round(spread(m.pp_tokens_per_s), 1),
             "tg_tokens_per_s": round(tg, 1), "tg_spread": round(spread(m.tg_tokens_per_s), 1),

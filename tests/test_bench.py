@@ -10,7 +10,7 @@ from influence_core.bench import Case, Measurement, summarise, weight_bytes_per_
 from influence_core.config import ModelConfig
 
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
-FIELDS = {"engine", "dtype", "reference", "error", "load_s", "pp_tokens_per_s", "pp_spread", "tg_tokens_per_s",
+FIELDS = {"engine", "dtype", "reference", "compiled", "error", "load_s", "pp_tokens_per_s", "pp_spread", "tg_tokens_per_s",
           "tg_spread", "ttft_ms", "peak_rss_mb", "weight_mb_per_token", "roofline_percent", "runs", "ratios"}
 
 

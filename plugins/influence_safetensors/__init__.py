@@ -23,11 +23,15 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class SafetensorsWeights:
-    """Lazy tensors by name across one or more safetensors files."""
+    """Lazy tensors by name across one or more safetensors files.
+
+    Each tensor comes from its own memory map, so the pages it holds leave this process's resident
+    memory as soon as the tensor is dropped (a converted or packed copy replaced it); one shared map
+    would keep every page ever read resident for as long as any tensor of the file lived.
+    """
 
     def __init__(self, files_by_name: dict[str, Path]) -> None:
         self.files_by_name = files_by_name
-        self._handles: dict[Path, Any] = {}
 
     def keys(self) -> Iterator[str]:
         return iter(self.files_by_name)
@@ -36,10 +40,8 @@ class SafetensorsWeights:
         return name in self.files_by_name
 
     def __getitem__(self, name: str) -> Any:
-        path = self.files_by_name[name]
-        if path not in self._handles:
-            self._handles[path] = _open(path)
-        return self._handles[path].get_tensor(name)
+        with _open(self.files_by_name[name]) as handle:
+            return handle.get_tensor(name)
 
 
 def _open(path: Path) -> Any:

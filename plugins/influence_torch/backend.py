@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,11 +11,13 @@ from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
 
 
 class TorchRunner(Runner):
-    def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
+    def __init__(self, model: Any, device: str, context_length: int, max_batch: int, compiled: bool = False) -> None:
         self.model = model
         self.device = device
         self.context_length = context_length
         self.max_batch = max_batch
+        # The one-token decode step is where per-op overhead dominates; compile just that path.
+        self.decode_step = compile_decode_step(model, device) if compiled else model
 
     def _check(self, end: int, slots: int) -> None:
         if end > self.context_length:
@@ -29,7 +32,8 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             self.model.ensure_capacity(start_pos + len(token_ids), slot + 1)
             tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, start_pos, last_only=not all_logits, first_slot=slot)
+            step = self.decode_step if len(token_ids) == 1 and not all_logits else self.model
+            logits = step(tokens, start_pos, last_only=not all_logits, first_slot=slot)
         return logits[0] if all_logits else logits[0, -1]
 
     def decode_batch(self, token_ids: Sequence[int], positions: Sequence[int]) -> Any:
@@ -49,6 +53,31 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self.model = None
+
+
+def compile_decode_step(model: Any, device: str) -> Any:
+    """torch.compile of the model's forward for one-token steps, compiled now rather than in the
+    middle of the first reply. On CPU, matmuls get inductor's own kernels (max-autotune), about
+    twice oneDNN's speed for these matrix-vector products."""
+    import sys
+    import warnings
+
+    import torch
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True  # weights become constants inductor can pack and fold
+    inductor.autotune_num_choices_displayed = 0  # keep autotuning's tables off the user's terminal
+    inductor.max_autotune_report_choices_stats = False
+    if device == "cpu":
+        inductor.max_autotune = True
+        inductor.max_autotune_gemm_backends = "CPP,ATEN"
+    step = torch.compile(model, dynamic=True)
+    print("influence: compiling the decode step (tens of seconds; once per process)", file=sys.stderr)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        model.ensure_capacity(2)
+        step(torch.zeros((1, 1), dtype=torch.long, device=device), 1, last_only=True, first_slot=0)
+    return step
 
 
 class TorchBackend(Backend):
@@ -88,10 +117,10 @@ class TorchBackend(Backend):
              options: dict[str, Any]) -> Runner:
         import torch
 
-        unknown = set(options) - {"threads", "context_length", "max_batch", "tensor_parallel"}
+        unknown = set(options) - {"threads", "context_length", "max_batch", "tensor_parallel", "compile"}
         if unknown:
             raise BackendError(f"backend 'torch' has no option {sorted(unknown)[0]!r} "
-                               "(options: threads, context_length, max_batch, tensor_parallel)")
+                               "(options: threads, context_length, max_batch, tensor_parallel, compile)")
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
         context_length = min(int(options.get("context_length") or source.config.context_length),
@@ -102,5 +131,9 @@ class TorchBackend(Backend):
             from .tensor_parallel import load_tensor_parallel
 
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
-        model = architecture.build(source.config, source.weights(), device, dtype)
-        return TorchRunner(model, device, context_length, max_batch=max_batch)
+        from .linear import float_weights_left_for_inductor
+
+        compiled = bool(options.get("compile"))
+        with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
+            model = architecture.build(source.config, source.weights(), device, dtype)
+        return TorchRunner(model, device, context_length, max_batch=max_batch, compiled=compiled)

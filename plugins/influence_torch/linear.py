@@ -14,11 +14,28 @@ Any architecture gets these by calling `convert_linears` on its modules.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 QUANTIZED_FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
+_pack_float_weights = True
+
+
+@contextlib.contextmanager
+def float_weights_left_for_inductor() -> Iterator[None]:
+    """Build with plain float nn.Linear layers: a model that torch.compile will run gets its float
+    weights packed by inductor (with max-autotune, into kernels faster still), and inductor cannot
+    compile oneDNN's prepacked ones."""
+    global _pack_float_weights
+    _pack_float_weights = False
+    try:
+        yield
+    finally:
+        _pack_float_weights = True
 
 
 def activation_dtype(weight_format: str) -> torch.dtype:
@@ -89,7 +106,7 @@ def convert_linear(linear: nn.Linear, weight_format: str, device: str) -> nn.Mod
         return Int8Linear(linear)
     if weight_format == "int4":
         return Int4Linear(linear) if Int4Linear.supports(linear) else Int8Linear(linear)
-    if weight_format in ("float32", "bfloat16") and torch.backends.mkldnn.is_available():
+    if weight_format in ("float32", "bfloat16") and _pack_float_weights and torch.backends.mkldnn.is_available():
         return PackedLinear(linear)
     return linear
 

@@ -311,7 +311,9 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
         load(layer, state, f"layers.{i}.")
 
     embedding = take("model.embed_tokens.weight")
-    head = embedding if config.tie_word_embeddings else take("lm_head.weight")
+    # Read a tied head separately: converting it then touches its own copy (or memory map), while
+    # the embedding, gathered from a row at a time, only ever has the rows in use resident.
+    head = take("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
     model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
     load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
     model.output.load_state_dict({"weight": head}, assign=True)

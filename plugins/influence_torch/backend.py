@@ -12,10 +12,14 @@ from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
 
 class TorchRunner(Runner):
     def __init__(self, model: Any, device: str, context_length: int, max_batch: int, compiled: bool = False) -> None:
+        import torch
+
         self.model = model
         self.device = device
         self.context_length = context_length
         self.max_batch = max_batch
+        with torch.inference_mode():
+            model.ensure_capacity(2, max_batch)  # every slot up front: a cache that moves recompiles
         # The one-token decode step is where per-op overhead dominates; compile just that path.
         self.decode_step = compile_decode_step(model, device) if compiled else model
 
@@ -30,7 +34,7 @@ class TorchRunner(Runner):
 
         self._check(start_pos + len(token_ids), slot + 1)
         with torch.inference_mode():
-            self.model.ensure_capacity(start_pos + len(token_ids), slot + 1)
+            self.model.ensure_capacity(start_pos + len(token_ids), self.max_batch)
             tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
             step = self.decode_step if len(token_ids) == 1 and not all_logits else self.model
             logits = step(tokens, start_pos, last_only=not all_logits, first_slot=slot)
@@ -41,7 +45,7 @@ class TorchRunner(Runner):
 
         self._check(max(positions) + 1, len(token_ids))
         with torch.inference_mode():
-            self.model.ensure_capacity(max(positions) + 1, len(token_ids))
+            self.model.ensure_capacity(max(positions) + 1, self.max_batch)
             tokens = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
             return self.model(tokens, list(positions))[:, -1]
 
@@ -75,7 +79,6 @@ def compile_decode_step(model: Any, device: str) -> Any:
     print("influence: compiling the decode step (tens of seconds; once per process)", file=sys.stderr)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        model.ensure_capacity(2)
         step(torch.zeros((1, 1), dtype=torch.long, device=device), 1, last_only=True, first_slot=0)
     return step
 

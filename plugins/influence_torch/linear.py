@@ -56,13 +56,36 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
+def _by_row_blocks(weight: torch.Tensor, quantize, rows_per_block: int = 4096) -> list[torch.Tensor]:
+    """Quantize a weight a block of rows at a time (rows are independent), so the float32
+    temporaries stay small even for a 128k-row output head; returns the results concatenated."""
+    blocks = [quantize(weight[start:start + rows_per_block].float())
+              for start in range(0, weight.shape[0], rows_per_block)]
+    return [torch.cat(parts) for parts in zip(*blocks)]
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    return torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8), scale.to(torch.bfloat16)
+
+
+def _int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-10)
+    codes = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(rows, columns)
+    # The kernel computes (code - 8) * scale + zero, so zero is the group's value at code 8.
+    zero = low + 8 * scale
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 1), torch.cat([scale, zero], dim=-1).to(torch.bfloat16)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))
+        weight, scale = _by_row_blocks(linear.weight.detach(), _int8_rows)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,17 +97,10 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        rows, columns = weight.shape
-        groups = weight.reshape(rows, columns // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
-        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-10)
-        codes = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(rows, columns)
-        # The kernel computes (code - 8) * scale + zero, so zero is the group's value at code 8.
-        zero = low + 8 * scale
-        self.register_buffer("packed_weight", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
-        scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        packed, scales_and_zeros = _by_row_blocks(linear.weight.detach(), _int4_rows)
+        self.register_buffer("packed_weight", packed)
+        # The kernel wants them as [group, row, (scale, zero)].
+        self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     @staticmethod

@@ -97,8 +97,13 @@ class KVCache(nn.Module):
                  device: torch.device | str) -> None:
         super().__init__()
         shape = (slots, n_kv_heads, capacity, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # Left unwritten: `Llama.ensure_capacity` clears positions before any step can read them.
+        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+
+    def clear(self, start: int, end: int) -> None:
+        self.k[:, :, start:end] = 0
+        self.v[:, :, start:end] = 0
 
     def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys and values; return the rows' caches up to the step's end."""
@@ -188,6 +193,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention_dtype = torch.float32
+        self.cleared_to = 0  # positions cleared (or written) in every cache slot
         self.rope_cos: torch.Tensor | None = None
         self.rope_sin: torch.Tensor | None = None
 
@@ -197,21 +203,39 @@ class Llama(nn.Module):
         return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     def ensure_capacity(self, length: int, slots: int = 1) -> None:
-        """Grow the KV cache, keeping its contents, to hold ``length`` positions in each of
-        ``slots`` independent sequences; RoPE tables grow with it."""
+        """Make the KV cache hold ``length`` positions in each of ``slots`` independent sequences.
+
+        Positions are cleared before any step can read them: a batch row reads (masked) positions
+        past its own, and uninitialised memory there could hold NaN, which a zero attention weight
+        does not cancel. On CPU the whole context is reserved at once, since untouched memory costs
+        nothing until cleared or written, and a cache that never moves keeps a compiled decode step
+        valid; elsewhere the cache grows by doubling, keeping its contents.
+        """
         old_slots, old_length = self.cache_shape()
-        if length <= old_length and slots <= old_slots:
-            return
-        capacity = max(old_length, min(max(length, 2 * old_length, 256), self.config.context_length))
-        slots = max(slots, old_slots)
+        if slots > old_slots or length > old_length:
+            context = self.config.context_length
+            capacity = context if self.embed_tokens.device.type == "cpu" else min(max(length, 2 * old_length, 256), context)
+            self._allocate(max(slots, old_slots), max(capacity, old_length))
+        if length > self.cleared_to:
+            end = min(max(length, 2 * self.cleared_to, 256), self.cache_shape()[1])
+            for layer in self.layers:
+                layer.attention.kv_cache.clear(self.cleared_to, end)
+            self.cleared_to = end
+
+    def _allocate(self, slots: int, capacity: int) -> None:
+        old_slots = self.cache_shape()[0]
         device = self.embed_tokens.device
         for layer in self.layers:
             attention = layer.attention
             cache = KVCache(slots, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
             if attention.kv_cache is not None:
-                cache.k[:old_slots, :, :old_length] = attention.kv_cache.k
-                cache.v[:old_slots, :, :old_length] = attention.kv_cache.v
+                cache.k[:old_slots, :, :self.cleared_to] = attention.kv_cache.k[:, :, :self.cleared_to]
+                cache.v[:old_slots, :, :self.cleared_to] = attention.kv_cache.v[:, :, :self.cleared_to]
             attention.kv_cache = cache
+        if slots > old_slots:  # new slots hold nothing yet: clear what the others have cleared
+            for layer in self.layers:
+                layer.attention.kv_cache.k[old_slots:, :, :self.cleared_to] = 0
+                layer.attention.kv_cache.v[old_slots:, :, :self.cleared_to] = 0
         positions = torch.arange(capacity, dtype=torch.float32, device=device)
         angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(device))
         # Shaped [position, 1 (heads), head_dim] to broadcast over the heads of [batch, seq, heads, dim].

@@ -68,7 +68,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
     ``max_batch`` is how many sequences may decode together (serving). ``tensor_parallel`` splits the
-    model across that many processes, this one among them (started by torchrun; see docs/scaling.md).
+    model across that many processes, this one among them (started by torchrun; see docs/scaling.md);
+    None or 1 keeps it whole.
     ``compiled`` asks the backend to compile its one-token decode step (torch: torch.compile; the
     first call takes tens of seconds, then decode runs about twice as fast on CPU).
     """
@@ -84,7 +85,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
                {"threads": threads, "context_length": context_length, "max_batch": max_batch,
-                "tensor_parallel": tensor_parallel, "compile": compiled or None}.items()
+                "tensor_parallel": tensor_parallel if tensor_parallel != 1 else None,
+                "compile": compiled or None}.items()
                if value is not None}
     runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,

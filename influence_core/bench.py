@@ -60,6 +60,7 @@ class Measurement:
     tg_tokens_per_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    runtime_rss_mb: float = 0.0  # resident before loading, once the engine's libraries are imported
     weight_bytes_per_token: int = 0
     error: str | None = None
 
@@ -89,6 +90,7 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
     if case.engine == "onnx":
         importlib.import_module("onnxruntime")
 
+    result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     model = influence_core.load(settings.model, backend=case.engine, device=settings.device, dtype=case.dtype,
                                 threads=settings.threads, compiled=case.compiled)
@@ -142,6 +144,7 @@ def _measure_transformers(case: Case, settings: Settings, result: Measurement) -
     from influence_core.config import ModelConfig
 
     torch.set_num_threads(settings.threads)
+    result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=getattr(torch, case.dtype)).eval()
     result.load_s = time.perf_counter() - started
@@ -168,6 +171,7 @@ def _measure_optimum(case: Case, settings: Settings, result: Measurement) -> Non
         main_export(settings.model, output=export_dir, task="text-generation-with-past", library_name="transformers")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = settings.threads
+    result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     model = ORTModelForCausalLM.from_pretrained(export_dir, session_options=options)
     result.load_s = time.perf_counter() - started
@@ -183,6 +187,7 @@ def _measure_llama_cpp(case: Case, settings: Settings, result: Measurement) -> N
 
     if not settings.gguf:
         raise RuntimeError("llama.cpp needs a GGUF file (pass --gguf)")
+    result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     llm = Llama(settings.gguf, n_ctx=settings.prompt_tokens + settings.gen_tokens + 16, n_threads=settings.threads,
                 n_threads_batch=settings.threads, n_batch=512, verbose=False, logits_all=False)
@@ -217,20 +222,20 @@ def worker(arguments: dict[str, Any]) -> dict[str, Any]:
         measure(case, settings, result)
     except Exception as error:  # reported in the table, never a traceback
         result.error = f"{type(error).__name__}: {error}".splitlines()[0]
-    result.peak_rss_mb = peak_rss_mb()
+    result.peak_rss_mb = rss_mb("VmHWM")
     return asdict(result)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, unlike ru_maxrss, starts afresh at exec, so a
-    worker does not inherit its parent's peak."""
+def rss_mb(field: str) -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM, which unlike ru_maxrss
+    starts afresh at exec, so a worker does not inherit its parent's peak)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else 0.0
 
 
 # ---- in the parent ------------------------------------------------------------------------------
@@ -312,7 +317,11 @@ def summarise(results: list[Measurement], bandwidth: float) -> list[dict[str, An
             "pp_tokens_per_s": round(median(m.pp_tokens_per_s), 1), "pp_spread": round(spread(m.pp_tokens_per_s), 1),
             "tg_tokens_per_s": round(tg, 1), "tg_spread": round(spread(m.tg_tokens_per_s), 1),
             "ttft_ms": round(median(m.ttft_s) * 1000, 1), "peak_rss_mb": round(m.peak_rss_mb, 1),
+            "runtime_rss_mb": round(m.runtime_rss_mb, 1),
             "weight_mb_per_token": round(m.weight_bytes_per_token / 1e6, 1),
+            # What the model added to the process at its peak, per byte of the weights it uses.
+            "model_rss_vs_weights": (round((m.peak_rss_mb - m.runtime_rss_mb) * 2**20 / m.weight_bytes_per_token, 2)
+                                     if m.weight_bytes_per_token and m.runtime_rss_mb else None),
             "roofline_percent": round(100 * tg / roofline, 1) if roofline else None,
             "runs": {"pp": m.pp_tokens_per_s, "tg": m.tg_tokens_per_s, "ttft_s": m.ttft_s},
             "ratios": {},

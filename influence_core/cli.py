@@ -460,7 +460,7 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("engine", "dtype", "load s", "pp tok/s", "tg tok/s", "TTFT ms", "peak RSS MB", "roofline",
+    table = Table("engine", "dtype", "load s", "pp tok/s", "tg tok/s", "TTFT ms", "peak RSS MB (model / weights)", "roofline",
                   "vs references (tg, pp)",
                   title=f"{facts['cpu']}, {facts['threads']} threads, {facts['read_bandwidth_gb_s']} GB/s read; "
                         f"pp {settings.prompt_tokens} tokens, tg {settings.gen_tokens} tokens, "
@@ -474,7 +474,8 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
         versus = ", ".join(f"{key.split('_vs_')[1]} {ratios[key]}x / {ratios.get(key.replace('tg_', 'pp_'))}x"
                            for key in ratios if key.startswith("tg_vs_"))
         table.add_row(name, row["dtype"], f"{row['load_s']:.2f}", f"{row['pp_tokens_per_s']} ± {row['pp_spread']}",
-                      f"{row['tg_tokens_per_s']} ± {row['tg_spread']}", f"{row['ttft_ms']}", f"{row['peak_rss_mb']:.0f}",
+                      f"{row['tg_tokens_per_s']} ± {row['tg_spread']}", f"{row['ttft_ms']}",
+                      f"{row['peak_rss_mb']:.0f}" + (f" ({row['model_rss_vs_weights']}x)" if row["model_rss_vs_weights"] else ""),
                       f"{row['roofline_percent']}%" if row["roofline_percent"] else "", versus)
     Console().print(table)
 

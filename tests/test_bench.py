@@ -11,7 +11,8 @@ from influence_core.config import ModelConfig
 
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
 FIELDS = {"engine", "dtype", "reference", "compiled", "error", "load_s", "pp_tokens_per_s", "pp_spread", "tg_tokens_per_s",
-          "tg_spread", "ttft_ms", "peak_rss_mb", "weight_mb_per_token", "roofline_percent", "runs", "ratios"}
+          "tg_spread", "ttft_ms", "peak_rss_mb", "runtime_rss_mb", "model_rss_vs_weights", "weight_mb_per_token",
+          "roofline_percent", "runs", "ratios"}
 
 
 def test_bench_json_reports_every_field(tiny_model):
@@ -24,7 +25,8 @@ def test_bench_json_reports_every_field(tiny_model):
     for row in report["results"]:
         assert set(row) == FIELDS and row["error"] is None
         assert len(row["runs"]["tg"]) == 2 and len(row["runs"]["pp"]) == 2 and len(row["runs"]["ttft_s"]) == 2
-        assert row["peak_rss_mb"] > 0 and row["load_s"] > 0 and row["weight_mb_per_token"] > 0
+        assert row["peak_rss_mb"] > row["runtime_rss_mb"] > 0 and row["model_rss_vs_weights"] > 0
+        assert row["load_s"] > 0 and row["weight_mb_per_token"] > 0
 
 
 def test_an_engine_that_fails_is_reported_not_raised(tiny_model):

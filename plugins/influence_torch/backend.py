@@ -134,9 +134,11 @@ class TorchBackend(Backend):
             from .tensor_parallel import load_tensor_parallel
 
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
-        from .linear import float_weights_left_for_inductor
+        from .linear import float_weights_left_for_inductor, return_freed_memory
 
         compiled = bool(options.get("compile"))
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
             model = architecture.build(source.config, source.weights(), device, dtype)
+        return_freed_memory()
         return TorchRunner(model, device, context_length, max_batch=max_batch, compiled=compiled)
+

@@ -63,7 +63,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-@dataclass
 @dataclass(frozen=True)
 class LlamaVariant:
     """How a Llama-family architecture departs from Llama itself (Qwen2: biases on q/k/v only;
@@ -192,6 +191,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, variant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.activation_dtype = torch.float32
         self.attention_dtype = torch.float32
         self.cleared_to = 0  # positions cleared (or written) in every cache slot
         self.rope_cos: torch.Tensor | None = None
@@ -280,7 +280,7 @@ class Llama(nn.Module):
         position shared by every row, or a list with each row's position when each row decodes one
         token of its own sequence."""
         step = self.step(tokens.shape[1], start, first_slot)
-        x = F.embedding(tokens, self.embed_tokens)
+        x = F.embedding(tokens, self.embed_tokens).to(self.activation_dtype)
         for layer in self.layers:
             x = layer(x, step)
         if last_only:
@@ -296,10 +296,13 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
     with torch.device("meta"):
         model = Llama(config, variant)
 
-    def take(name: str) -> torch.Tensor:
+    def stored(name: str) -> torch.Tensor:
         if name not in weights:
             raise ModelFormatError(f"the checkpoint lacks the tensor {name!r}")
-        return weights[name].to(device=device, dtype=compute_dtype)
+        return weights[name]
+
+    def take(name: str) -> torch.Tensor:
+        return stored(name).to(device=device, dtype=compute_dtype)
 
     def fused(names: list[str]) -> torch.Tensor:
         return torch.cat([take(name) for name in names])
@@ -312,6 +315,16 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
                                        f"but the config implies {tuple(expected)}")
         module.load_state_dict(state, strict=True, assign=True)
         convert_linears(module, dtype, device)
+
+    # The head first: converting it holds the checkpoint's copy and the converted one at once, a
+    # vocab x hidden transient that would otherwise come on top of every layer already loaded.
+    head = take("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    model.output.load_state_dict({"weight": head}, assign=True)
+    if model.output.weight.shape != (config.vocab_size, config.hidden_size):
+        raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
+                               f"but the config implies {(config.vocab_size, config.hidden_size)}")
+    model.output = convert_linear(model.output, dtype, device)
+    del head
 
     for i, layer in enumerate(model.layers):
         hf = f"model.layers.{i}."
@@ -334,17 +347,15 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
             state["feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
         load(layer, state, f"layers.{i}.")
 
-    embedding = take("model.embed_tokens.weight")
-    # Read a tied head separately: converting it then touches its own copy (or memory map), while
-    # the embedding, gathered from a row at a time, only ever has the rows in use resident.
-    head = take("model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight")
+    # On CPU the embedding stays as the checkpoint stores it and each row is converted as it is
+    # looked up: a memory-mapped table then keeps only the rows in use resident, whatever the dtype.
+    embedding = (stored if device == "cpu" else take)("model.embed_tokens.weight")
+    if embedding.shape != (config.vocab_size, config.hidden_size):
+        raise ModelFormatError(f"the embedding has shape {tuple(embedding.shape)}, "
+                               f"but the config implies {(config.vocab_size, config.hidden_size)}")
     model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
     load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
-    model.output.load_state_dict({"weight": head}, assign=True)
-    if model.output.weight.shape != (config.vocab_size, config.hidden_size):
-        raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
-                               f"but the config implies {(config.vocab_size, config.hidden_size)}")
-    model.output = convert_linear(model.output, dtype, device)
+    model.activation_dtype = compute_dtype
     # bfloat16 attention is several times slower than float32 on CPU; on GPUs it is the fast path.
     model.attention_dtype = torch.float32 if device == "cpu" else compute_dtype
     return model.eval()

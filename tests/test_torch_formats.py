@@ -48,6 +48,30 @@ def test_int4_linear_matches_its_groupwise_dequantization(linear):
     assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.1)
 
 
+def test_int4_keeps_q4_1_weights_as_they_are():
+    # Groups of 32 whose values are d * q + m with q spanning 0..15, as a dequantized Q4_1 GGUF
+    # holds them (m near -8d for weights centred on zero): int4 finds the same codes, d and m, and
+    # loses only bfloat16 roundings (of its scale, zero and output), far below the one step d that
+    # a single wrong code would cost.
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (48, 3, 32)).float()
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = torch.rand(48, 3, 1) * 0.01 + 0.001
+    m = -d * (7 + torch.rand(48, 3, 1))
+    linear = nn.Linear(96, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_((codes * d + m).reshape(48, 96))
+    layer = Int4Linear(linear)
+    dequantized = layer(torch.eye(96).bfloat16()).float().t().reshape(48, 3, 32)
+    assert ((dequantized - linear.weight.detach().reshape(48, 3, 32)).abs() < 0.25 * d).all()
+
+
+def test_int4_keeps_the_output_head_at_int8(tiny_model):
+    model = influence.load(tiny_model, dtype="int4").runner.model
+    assert isinstance(model.output, Int8Linear)
+    assert isinstance(model.layers[0].feed_forward.w13, Int4Linear)
+
+
 def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_pack():
     assert isinstance(convert_linear(nn.Linear(40, 24), "int4", "cpu"), Int8Linear)  # 24 rows: not a multiple of 16
 

@@ -7,7 +7,7 @@ so each format here keeps weights in a layout whose kernel streams them at full 
 - float32 / bfloat16: oneDNN's prepacked weights (``mkldnn._linear_pointwise``);
 - int8: per-output-channel symmetric int8, bfloat16 activations (``_weight_int8pack_mm``);
 - int4: groups of 32 with a scale and a zero point each, bfloat16 activations
-  (``_weight_int4pack_mm_for_cpu``), the same layout as GGUF's Q4_1.
+  (``_weight_int4pack_mm_for_cpu``), the same layout as GGUF's Q4_1; the output head stays int8.
 
 Any architecture gets these by calling `convert_linears` on its modules.
 """
@@ -139,6 +139,13 @@ def convert_linear(linear: nn.Linear, weight_format: str, device: str) -> nn.Mod
         return linear
     return_freed_memory()
     return converted
+
+
+def convert_output_head(head: nn.Linear, weight_format: str, device: str) -> nn.Module:
+    """The output head as `convert_linear` would make it, except that int4 keeps it at int8. Its
+    rounding errors land straight on the logits the next token is picked from (llama.cpp's 4-bit
+    mixes keep it at 6 or 8 bits too; the default model's GGUF stores it as Q8_0)."""
+    return convert_linear(head, "int8" if weight_format == "int4" else weight_format, device)
 
 
 def convert_linears(module: nn.Module, weight_format: str, device: str) -> None:

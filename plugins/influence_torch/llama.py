@@ -22,7 +22,7 @@ from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import Weights
 
-from .linear import activation_dtype, convert_linear, convert_linears
+from .linear import activation_dtype, convert_linears, convert_output_head
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -323,7 +323,7 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
     if model.output.weight.shape != (config.vocab_size, config.hidden_size):
         raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
                                f"but the config implies {(config.vocab_size, config.hidden_size)}")
-    model.output = convert_linear(model.output, dtype, device)
+    model.output = convert_output_head(model.output, dtype, device)
     del head
 
     for i, layer in enumerate(model.layers):

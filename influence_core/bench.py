@@ -246,10 +246,11 @@ def weight_bytes_per_token(config: Any, dtype: str) -> int:
     per_layer = (config.hidden_size * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
                  + config.num_attention_heads * config.head_dim * config.hidden_size
                  + 3 * config.hidden_size * config.intermediate_size)
-    parameters = config.num_hidden_layers * per_layer + config.vocab_size * config.hidden_size
-    # int4 stores a bfloat16 scale and zero per group of 32 weights: 5 bits a weight.
+    # int4 stores a bfloat16 scale and zero per group of 32 weights: 5 bits a weight; the torch
+    # backend keeps the output head at int8 then.
     bits = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "int4": 5}[dtype]
-    return parameters * bits // 8
+    head_bits = 8 if dtype == "int4" else bits
+    return (config.num_hidden_layers * per_layer * bits + config.vocab_size * config.hidden_size * head_bits) // 8
 
 
 def gguf_weight_bytes(path: str) -> int:

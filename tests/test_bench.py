@@ -57,3 +57,4 @@ def test_weight_bytes_count_linears_and_head():
     per_layer = 4 * (2 + 2) * 2 + 2 * 2 * 4 + 3 * 4 * 8
     assert weight_bytes_per_token(config, "float32") == (2 * per_layer + 10 * 4) * 4
     assert weight_bytes_per_token(config, "int8") == 2 * per_layer + 40
+    assert weight_bytes_per_token(config, "int4") == (2 * per_layer * 5 + 40 * 8) // 8  # the head stays int8

@@ -14,6 +14,7 @@ Any `ModelSource`, whatever its format, can be written out as a standard Hugging
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,10 +162,7 @@ def write_hf_directory(source: ModelSource, target: Path, *, progress: bool = Fa
     half-written model behind.
     """
     config, tokenizer = source.config, source.tokenizer
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_directory(target) as partial:
         hf_config = config.to_hf_dict()
         hf_config.setdefault("torch_dtype", "float32")
         _write_json(partial / "config.json", hf_config)
@@ -189,6 +188,17 @@ def write_hf_directory(source: ModelSource, target: Path, *, progress: bool = Fa
             "source": str(source.path), "source_format": source.format,
             "source_fingerprint": fingerprint(source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target``, so an
+    interrupted or failed write never leaves a half-written directory behind."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
         if target.exists():
             shutil.rmtree(target)
         partial.rename(target)

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-
-from influence_core.cli import run
-
-CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
+from cli_helpers import CLI, invoke
 
 
 def influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, input=stdin, timeout=120)
-
-
-def invoke(capsys, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process (faster than a subprocess) and return (exit code, stdout, stderr)."""
-    try:
-        run(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_help_and_version_do_not_import_torch():

@@ -13,10 +13,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from cli_helpers import invoke
 
 import influence_core as influence
 from influence_core.api import open_source
-from influence_core.cli import run
 from influence_core.errors import ModelFormatError
 from influence_gguf import reader
 from tiny_models import CHAT_TEMPLATE, TINY_VARIANTS, TRAINING_TEXT, make_tiny_llama
@@ -424,14 +424,6 @@ def test_sentencepiece_model_runs(sentencepiece_gguf):
 
 # --- Refusals: one clear line, never a traceback -----------------------------------------------
 
-def invoke(capsys, *args: str) -> tuple[int, str]:
-    try:
-        run(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    return code, capsys.readouterr().err
-
 
 def broken_files(tiny_gguf: Path, directory: Path) -> dict[str, Path]:
     data = tiny_gguf.read_bytes()
@@ -452,7 +444,7 @@ def test_broken_files_are_refused_with_one_line(tmp_path, tiny_gguf, capsys):
             open_source(path)
         message = str(refused.value)
         assert str(path) in message and "\n" not in message, name
-        code, err = invoke(capsys, "generate", "hi", "--model-path", str(path))
+        code, _, err = invoke(capsys, "generate", "hi", "--model-path", str(path))
         assert code == 1, name
         assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, (name, err)
     with pytest.raises(ModelFormatError, match="git lfs pull"):

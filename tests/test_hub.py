@@ -9,30 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import CLI, assert_one_error_line, invoke
 from fake_hub import TOKEN
 
 import influence_core as influence
 from influence_core import store
-from influence_core.cli import run
-
-CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
-
-
-def invoke(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        run(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_error_line(code: int, err: str, message: str) -> None:
-    """Exit 1, and the error is one line, the last, with no traceback (progress lines may precede it)."""
-    lines = err.splitlines()
-    assert code == 1 and lines[-1].startswith("error: ") and message in lines[-1], err
-    assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in err, err
 
 
 def model_files(directory: Path) -> dict[str, bytes]:

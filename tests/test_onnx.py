@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_one_error_line, invoke
 
 import influence_core as influence
 from influence_core.api import open_source
-from influence_core.cli import run
 from influence_core.store import exports_dir, fingerprint
 from influence_onnx import backend as onnx_backend
 from influence_onnx import export as onnx_export
@@ -24,16 +24,6 @@ from tiny_models import TINY_VARIANTS
 
 PROMPT_IDS = [1, 17, 250, 33, 98, 5, 77, 310, 12, 64, 200, 9]
 HAS_CUDA = "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers()
-
-
-def invoke(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        run(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="session")
@@ -204,14 +194,6 @@ def unknown_model_type(model: Path) -> None:
     (model / "config.json").write_text(json.dumps(config))
 
 
-def one_error_line(code: int, err: str, message: str) -> None:
-    """Exit status 1 and one ``error:`` line, last on stderr (after any progress lines), no traceback."""
-    lines = err.strip().splitlines()
-    assert code == 1
-    assert lines[-1].startswith("error: ") and err.count("error:") == 1 and "Traceback" not in err, err
-    assert message in lines[-1], err
-
-
 @pytest.mark.parametrize("damaged_file, message", [
     ("model.onnx", "model.onnx is not a valid ONNX graph"),  # optimum's export, before anything derives from it
     ("float32/model.onnx", "ONNX Runtime cannot load"),  # the graph that runs
@@ -225,7 +207,7 @@ def test_a_corrupt_graph_is_one_clear_error(home, tiny_model, tmp_path, capsys, 
     for optimized in out.glob("*/model.optimized-*"):
         optimized.unlink()
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(out), "--backend", "onnx")
-    one_error_line(code, err, message)
+    assert_one_error_line(code, err, message)
     assert f"influence export onnx --force {out}" in err
 
 
@@ -235,17 +217,17 @@ def test_a_missing_graph_in_the_store_is_one_clear_error(home, tiny_model, tmp_p
     monkeypatch.setenv("INFLUENCE_HOME", str(copy))
     (stored_export(tiny_model) / "model.onnx").unlink()
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(tiny_model), "--backend", "onnx")
-    one_error_line(code, err, "model.onnx is missing; delete")
+    assert_one_error_line(code, err, "model.onnx is missing; delete")
 
 
 def test_a_model_optimum_cannot_export_is_one_clear_error(home, tiny_model, tmp_path, capsys):
     model = fresh_copy(tiny_model, tmp_path / "model")
     unknown_model_type(model)
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(model), "--backend", "onnx")
-    one_error_line(code, err, f"optimum could not export {model} to ONNX")
+    assert_one_error_line(code, err, f"optimum could not export {model} to ONNX")
     assert not stored_export(model).exists()
     code, _, err = invoke(capsys, "export", "onnx", "-p", str(model), str(tmp_path / "out"))
-    one_error_line(code, err, "optimum could not export")
+    assert_one_error_line(code, err, "optimum could not export")
     assert not (tmp_path / "out").exists()
 
 
@@ -257,7 +239,7 @@ def test_a_model_optimum_cannot_export_is_one_clear_error(home, tiny_model, tmp_
 ])
 def test_an_unavailable_device_or_dtype_is_one_clear_error(home, tiny_model, capsys, args, message):
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(tiny_model), "--backend", "onnx", *args)
-    one_error_line(code, err, message)
+    assert_one_error_line(code, err, message)
     if "cuda" in args:
         assert "CPUExecutionProvider" in err and "install onnxruntime-gpu" in err  # names what is available
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -29,7 +28,8 @@ from pathlib import Path
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import ModelSource
-from influence_core.store import MANIFEST, convert_into_store, exports_dir, fingerprint, models_dir, read_manifest
+from influence_core.store import (MANIFEST, atomic_directory, convert_into_store, exports_dir, fingerprint,
+                                  models_dir, read_manifest)
 from influence_core.tokenizer import Tokenizer
 
 MODEL_FILE = "model.onnx"
@@ -256,19 +256,3 @@ DERIVE = {"float32": _fuse, "int8": _quantize_int8, "float16": _convert_float16}
 def _has_external_data(model: Path) -> bool:
     """Whether the graph keeps its weights in other files (models over protobuf's 2 GB limit)."""
     return any(p != model for p in model.parent.glob(f"{model.name}*"))  # model.onnx_data, model.onnx.data
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target``."""
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise

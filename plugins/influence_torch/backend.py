@@ -141,4 +141,3 @@ class TorchBackend(Backend):
             model = architecture.build(source.config, source.weights(), device, dtype)
         return_freed_memory()
         return TorchRunner(model, device, context_length, max_batch=max_batch, compiled=compiled)
-

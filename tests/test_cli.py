@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
-from cli_helpers import CLI, invoke
+from cli_helpers import CLI, help_in_a_fresh_process, invoke
 
 
 def influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -16,12 +15,9 @@ def influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys; from influence_core.cli import run\n"
-            "try: run(['--help'])\nexcept SystemExit: pass\n"
-            "assert 'torch' not in sys.modules and 'onnxruntime' not in sys.modules, 'heavy import at start-up'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "generate" in done.stdout
+    help_text, modules = help_in_a_fresh_process()
+    assert "torch" not in modules and "onnxruntime" not in modules, "heavy import at start-up"
+    assert "generate" in help_text
     version = influence("--version")
     assert version.returncode == 0 and version.stdout.startswith("influence ")
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import CLI, assert_one_error_line, invoke
+from cli_helpers import CLI, assert_one_error_line, help_in_a_fresh_process, invoke
 from fake_hub import TOKEN
 
 import influence_core as influence
@@ -29,11 +28,7 @@ def tiny_repo(hub, tiny_model):
 
 
 def test_help_does_not_import_huggingface_hub():
-    code = ("import sys; from influence_core.cli import run\n"
-            "try: run(['--help'])\nexcept SystemExit: pass\n"
-            "assert 'huggingface_hub' not in sys.modules, 'huggingface_hub imported at start-up'")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert "huggingface_hub" not in help_in_a_fresh_process()[1], "huggingface_hub imported at start-up"
 
 
 def test_first_use_downloads_then_later_runs_stay_offline(capsys, hub, tiny_repo, tiny_model):

@@ -74,6 +74,10 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     first call takes tens of seconds, then decode runs about twice as fast on CPU).
     """
     started = time.perf_counter()
+    for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch),
+                          ("tensor_parallel", tensor_parallel)):
+        if value is not None and (type(value) is not int or value < 1):
+            raise InfluenceError(f"{option} must be an integer >= 1, got {value!r}")
     registry = get_registry()
     engine = registry.backend(backend)
     if model is None:

@@ -17,6 +17,10 @@ from .errors import SamplingError
 from .interfaces import SamplingContext
 from .plugins import Registry
 
+# Seeds are refused outside [0, MAX_SEED] (the range torch.Generator takes without wrapping), in
+# the API, the CLI and the server alike, rather than reduced: two different seeds never collide.
+MAX_SEED = 2**64 - 1
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -55,6 +59,8 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
+            raise SamplingError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
 
 
 def _first(*values: Any) -> Any:

@@ -429,9 +429,10 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("plugin", "version", "hooks", "provides")
+    table = Table("plugin", "version", "hooks", "provides", "overrides")
     for info in infos:
-        table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides))
+        table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides),
+                      "\n".join(info.overrides))
     Console().print(table)
 
 
@@ -638,14 +639,32 @@ _plugin_commands_added = False
 
 
 def _add_plugin_commands() -> None:
-    """Let plugins add subcommands (`register_commands`); one that fails is skipped with a warning."""
+    """Let plugins add subcommands (`register_commands`); one that fails is skipped with a warning.
+    A plugin's command named as a built-in one replaces it, and is reported as an override."""
     global _plugin_commands_added
     if _plugin_commands_added:
         return
     _plugin_commands_added = True
-    from .plugins import call_each_implementation
+    from .plugins import CORE, call_each_implementation, record_command_overrides
 
-    call_each_implementation("register_commands", cli=app)
+    providers = dict.fromkeys(_command_names(), CORE)
+    counted = len(app.registered_commands), len(app.registered_groups)
+
+    def after(plugin_name: str) -> None:
+        nonlocal counted
+        added = _command_names(*counted)
+        counted = len(app.registered_commands), len(app.registered_groups)
+        record_command_overrides(plugin_name, {name: providers[name] for name in added if name in providers})
+        providers.update(dict.fromkeys(added, plugin_name))
+
+    call_each_implementation("register_commands", cli=app, after=after)
+
+
+def _command_names(commands_from: int = 0, groups_from: int = 0) -> list[str]:
+    """The names of the app's commands and command groups, from the given positions on."""
+    commands = [info.name or info.callback.__name__.lower().replace("_", "-")
+                for info in app.registered_commands[commands_from:] if info.callback is not None or info.name]
+    return commands + [info.name for info in app.registered_groups[groups_from:] if info.name]
 
 
 def run(argv: Optional[list[str]] = None) -> None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import GenerationDefaults
-from .errors import SamplingError
+from .errors import InfluenceError, SamplingError
 from .interfaces import SamplingContext
-from .plugins import Registry
+from .plugins import Registry, call_plugin
 
 # Seeds are refused outside [0, MAX_SEED] (the range torch.Generator takes without wrapping), in
 # the API, the CLI and the server alike, rather than reduced: two different seeds never collide.
@@ -93,9 +93,12 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
     def create(name: str, **options: Any) -> Callable[..., Any]:
         sampler = registry.sampler(name)
         try:
-            return sampler.create(**options)
-        except TypeError as error:
-            raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: {error}") from None
+            return call_plugin(registry, sampler, f"sampler {name!r}", sampler.create, **options)
+        except InfluenceError as error:
+            if isinstance(error.__cause__, TypeError):  # options the sampler's create() does not take
+                raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: "
+                                    f"{error.__cause__}") from None
+            raise
 
     processors = []
     if params.repetition_penalty != 1.0:

@@ -38,6 +38,7 @@ from .interfaces import ModelSource
 
 MANIFEST = "influence.json"
 NAMES = "models.json"
+NOTICES = "notices.json"  # the notices already shown once (plugins' overrides of built-ins)
 INDEX_LOCK_TIMEOUT_S = 30
 
 
@@ -149,34 +150,50 @@ def read_names() -> dict[str, Any]:
     return names
 
 
+def editing_names() -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """The index, for a read-modify-write that no other process interleaves with."""
+    return _editing(home() / NAMES, read_names)
+
+
+def editing_notices() -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """The notices already shown, for a read-modify-write like `editing_names`."""
+
+    def read() -> dict[str, Any]:
+        try:
+            notices = json.loads((home() / NOTICES).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            notices = {}  # lost or damaged: at worst a notice is shown again
+        return notices if isinstance(notices, dict) else {}
+
+    return _editing(home() / NOTICES, read)
+
+
 @contextlib.contextmanager
-def editing_names() -> Iterator[dict[str, Any]]:
-    """The index, for a read-modify-write that no other process interleaves with: it is read and
-    written under a file lock, and written only if the block succeeds."""
+def _editing(path: Path, read: Any) -> Iterator[dict[str, Any]]:
+    """``read()``'s JSON object, read and written back under a file lock; written only if the block
+    succeeds, and atomically, so a crash or a concurrent reader never sees half of it."""
     from filelock import FileLock, Timeout
 
-    home().mkdir(parents=True, exist_ok=True)
-    lock = FileLock(home() / f".{NAMES}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
     try:
         lock.acquire(timeout=INDEX_LOCK_TIMEOUT_S)
     except Timeout:
         raise InfluenceError(f"another influence process has held {lock.lock_file} for "
                              f"{INDEX_LOCK_TIMEOUT_S} s; try again when it is done") from None
     try:
-        names = read_names()
-        yield names
-        _write_names(names)
+        data = read()
+        yield data
+        _replace_json(path, data)
     finally:
         lock.release()
 
 
-def _write_names(names: dict[str, Any]) -> None:
-    """Replace the index atomically, so a crash or a concurrent reader never sees half of it."""
-    path = home() / NAMES
-    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{NAMES}.", suffix=".partial")
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(json.dumps(names, indent=2, ensure_ascii=False) + "\n")
+            file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)

@@ -70,6 +70,9 @@ def download(repo_id: str, *, revision: str | None = None, include: Sequence[str
         print(f"influence: {repo_id} is up to date in the store ({target})", file=sys.stderr)
         return target
 
+    if (target.exists() or target.is_symlink()) and not made_by_store(target, models_dir()):
+        raise InfluenceError(f"{target} is in the way of downloading {repo_id}, and Influence did not make it; "
+                             "move it away and run again")
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or ()}
     print(f"influence: downloading {repo_id} (commit {info.sha[:12]}, {len(files)} files, "
           f"{format_size(sum(sizes[f] for f in files))}) into {target}; later runs load it from there",

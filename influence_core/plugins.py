@@ -56,7 +56,9 @@ KNOWN_ARCHITECTURE_PLUGINS = {"qwen2": "influence-qwen2", "mistral": "influence-
 hookimpl = pluggy.HookimplMarker("influence")
 
 # A plugin's code raising these must not end the command: it is skipped like any other failure.
+# At import and registration a KeyboardInterrupt is the plugin's too; at run time it is the user's.
 PLUGIN_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+RUN_TIME_FAILURES = (Exception, SystemExit)
 
 # hook name -> (what each registered item must be, registry attribute)
 REGISTER_HOOKS: dict[str, tuple[type, str]] = {
@@ -133,7 +135,7 @@ class Registry:
         for loader in self.loaders:
             try:
                 detected = loader.detect(path)
-            except PLUGIN_FAILURES as error:  # one broken loader must not break loading for the others
+            except RUN_TIME_FAILURES as error:  # one broken loader must not break loading for the others
                 warn(f"plugin {self.provided_by(loader)!r}: loader {loader.name!r} was skipped: its detect() "
                      f"raised {type(error).__name__}: {error}")
                 continue
@@ -179,7 +181,7 @@ def call_plugin(registry: Registry, item: Any, what: str, function: Callable[...
         return function(*args, **kwargs)
     except InfluenceError:
         raise
-    except PLUGIN_FAILURES as error:
+    except RUN_TIME_FAILURES as error:
         raise InfluenceError(f"plugin {registry.provided_by(item)!r} failed in {what}: "
                              f"{type(error).__name__}: {error}") from error
 
@@ -213,16 +215,20 @@ def builtin_plugins() -> frozenset[str]:
     return frozenset(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if _is_builtin(ep))
 
 
+# The entry point each plugin name was loaded from (a name's other entry points were skipped).
+_entry_points: dict[str, importlib.metadata.EntryPoint] = {}
+
+
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
     allowed = _allowed_plugins()
-    loaded: dict[str, importlib.metadata.EntryPoint] = {}
+    _entry_points.clear()
     # Built-ins first, so that a third-party entry point of the same name cannot push one out.
     entry_points = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
     for entry_point in entry_points:
         if allowed is not None and entry_point.name not in allowed:
             continue
-        if entry_point.name in loaded:
-            first = loaded[entry_point.name]
+        if entry_point.name in _entry_points:
+            first = _entry_points[entry_point.name]
             if first.value != entry_point.value:  # not merely the same distribution found twice
                 warn(f"plugin {entry_point.name!r} ({entry_point.value}{_from(entry_point)}) was skipped: "
                      f"{'the built-in' if _is_builtin(first) else 'another'} plugin {entry_point.name!r} "
@@ -231,6 +237,7 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             continue
         if manager.has_plugin(entry_point.name):
             continue
+        _entry_points[entry_point.name] = entry_point  # even if it fails below: a broken built-in is not replaced
         try:
             plugin = entry_point.load()
             check_hookspec_version(plugin, f"{entry_point.name!r} ({entry_point.value})")
@@ -242,7 +249,6 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             warn(f"plugin {entry_point.name!r} ({entry_point.value}) was skipped: it failed to load: "
                  f"{type(error).__name__}: {error}")
             continue
-        loaded[entry_point.name] = entry_point
         trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){_from(entry_point)}")
         _warn_unknown_hooks(manager, entry_point.name)
 
@@ -335,9 +341,11 @@ def record_command_overrides(plugin_name: str, replaced: dict[str, str]) -> None
 
 def announce_overrides(overrides: list[Override]) -> None:
     """One notice line per override by an installed plugin, the first time this store sees it."""
+    if not overrides:
+        return
     from . import store
 
-    versions = {ep.name: ep.dist.version for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist}
+    versions = {name: ep.dist.version for name, ep in _entry_points.items() if ep.dist}
     keyed = {f"{o.plugin} {versions[o.plugin]}: {o.kind} {o.name}": o for o in overrides if o.plugin in versions}
     if not keyed:
         return
@@ -418,9 +426,7 @@ def list_plugins() -> list[PluginInfo]:
     """Every loaded plugin: name, version, the hooks it implements and what it registered."""
     manager = get_plugin_manager()
     registry = get_registry()
-    distributions = {
-        ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist
-    }
+    distributions = {name: ep.dist for name, ep in _entry_points.items() if ep.dist}
     infos = []
     for name, plugin in manager.list_name_plugin():
         dist = distributions.get(name)

@@ -231,15 +231,15 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
         if right * left.bit_length() > _INT_BITS:
             raise TemplateLimitError(f"it built an integer of more than {_INT_BITS} bits")
     elif operator == "%" and isinstance(left, str):
-        _refuse_past(_largest_number(left), "a % format with that width")
+        starred = [value for value in (right if isinstance(right, tuple) else (right,)) if isinstance(value, int)]
+        _refuse_past(max(_largest_number(left), max(starred, default=0) if "*" in left else 0),
+                     "a % format with that width")
 
 
 def _check_expansion(name: str, value: Any, args: tuple, kwargs: dict) -> None:
     """Refuse, before they run, the string methods and filters whose result can grow far beyond
     their inputs: the estimate is the size of what they would build."""
     if not isinstance(value, str):
-        if name == "join" and isinstance(value, (list, tuple)):
-            return  # the filter's items are sized; their separator is checked below
         return
     arguments = [*args, *kwargs.values()]
     widths = [argument for argument in arguments if isinstance(argument, int)]
@@ -254,10 +254,13 @@ def _check_expansion(name: str, value: Any, args: tuple, kwargs: dict) -> None:
     elif name == "replace" and len(texts) >= 2 and len(texts[1]) > len(texts[0]):
         _refuse_past(len(value) + value.count(texts[0]) * (len(texts[1]) - len(texts[0])), "replace()")
     elif name in ("format", "format_map"):
-        _refuse_past(_largest_number(value), "a format with that width")
+        nested_width = re.search(r":[^{}]*\{", value)  # '{:>{w}}': the width is an argument
+        _refuse_past(max(_largest_number(value), max(widths, default=0) if nested_width else 0),
+                     "a format with that width")
     elif name == "translate":
-        _refuse_past(len(value) * max((len(v) for v in (args[0] if args else {}).values() if isinstance(v, str)),
-                                      default=1), "translate()")
+        table = args[0] if args and isinstance(args[0], dict) else {}
+        _refuse_past(len(value) * max((len(v) for v in table.values() if isinstance(v, str)), default=1),
+                     "translate()")
 
 
 def _check_join(separator: Any, items: Any) -> list:

@@ -82,6 +82,8 @@ BOMBS = {
     "ljust": ("{{ 'A'.ljust(1000000000) }}", "ljust() would build"),
     "format width": ("{{ '{:>1000000000}'.format('a') }}", "a format with that width"),
     "percent width": ("{{ '%1000000000s' % 'a' }}", "a % format with that width"),
+    "nested format width": ("{{ '{:>{w}}'.format('a', w=1000000000) }}", "a format with that width"),
+    "starred percent width": ("{{ '%*s' % (1000000000, 'a') }}", "a % format with that width"),
     "format filter width": ("{{ '%1000000000s' | format('a') }}", "a format with that width"),
     "replace": ("{{ ('A' * 1000000).replace('A', 'B' * 1000) }}", "replace() would build"),
     "replace filter": ("{{ ('A' * 1000000) | replace('A', 'B' * 1000) }}", "replace() would build"),

@@ -9,6 +9,7 @@ The CLI is a thin layer over this module.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,7 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     started = time.perf_counter()
     for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch),
                           ("tensor_parallel", tensor_parallel)):
-        if value is not None and (type(value) is not int or value < 1):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
             raise InfluenceError(f"{option} must be an integer >= 1, got {value!r}")
     registry = get_registry()
     engine = registry.backend(backend)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -42,12 +43,12 @@ CompileOption = Annotated[bool, typer.Option(
                       "then decode is about twice as fast on CPU.")]
 
 
-def _in_range(text: str, interval: str, inside) -> float:
-    """A float option's value, refused as a usage error outside an interval typer's min/max cannot
-    express (an open end)."""
+def _in_range(text: str, wanted: str, inside: Callable[[float], bool]) -> float:
+    """A float option's value, refused as a usage error unless ``inside`` it: for an interval with an
+    open end, which typer's min/max cannot express. ``wanted`` says it: "in (0, 1]"."""
     value = float(text)
     if not inside(value):
-        raise typer.BadParameter(f"{value} is not {'in ' if interval[0] in '([' else ''}{interval}")
+        raise typer.BadParameter(f"{value} is not {wanted}")
     return value
 
 
@@ -127,7 +128,7 @@ def generate(
         min=0, help="0 = greedy. Default: the model's, else 0.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")] = None,
     top_p: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "(0, 1]", lambda p: 0 < p <= 1),
+        parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1),
         help="Nucleus sampling mass, in (0, 1].")] = None,
     min_p: Annotated[Optional[float], typer.Option(
         min=0, max=1, help="Drop tokens below P x the top probability.")] = None,
@@ -298,7 +299,7 @@ def chat(
         min=0, help="0 = greedy. Default: the model's, else 0.")] = None,
     top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")] = None,
     top_p: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "(0, 1]", lambda p: 0 < p <= 1),
+        parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1),
         help="Nucleus sampling mass, in (0, 1].")] = None,
     min_p: Annotated[Optional[float], typer.Option(
         min=0, max=1, help="Drop tokens below P x the top probability.")] = None,

@@ -7,6 +7,8 @@ with ``--sampler`` replaces the picker if it is one, or runs after the built-in 
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -49,8 +51,8 @@ class SamplingParams:
         )
 
     def validate(self) -> None:
-        if self.temperature is not None and self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature is not None and not 0 <= self.temperature < math.inf:
+            raise SamplingError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -59,8 +61,12 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and not (_is_integer(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise SamplingError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _first(*values: Any) -> Any:
@@ -122,5 +128,5 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
             processors.append(chosen)
     elif params.sampler_options:
         raise SamplingError("sampler options (-o) need --sampler NAME to say which sampler they are for")
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    seed = int(params.seed) if params.seed is not None else secrets.randbits(63)  # int: numpy's too
     return SamplerChain(processors, picker, seed, device)

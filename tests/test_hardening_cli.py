@@ -72,7 +72,7 @@ def test_a_port_in_use_is_one_clear_line(capsys, tiny_model):
     assert_one_error_line(code, err, f"cannot listen on 127.0.0.1:{port}: Address already in use")
 
 
-@pytest.mark.parametrize("seed", [2**64, 2**70, -1, 1.5, "7"])
+@pytest.mark.parametrize("seed", [2**64, 2**70, -1, 1.5, "7", True])
 def test_the_api_refuses_seeds_outside_the_one_range(tiny_model, seed):
     model = influence.load(tiny_model)
     with pytest.raises(influence.SamplingError, match=r"seed must be an integer in \[0, 2\*\*64 - 1\]"):
@@ -80,11 +80,18 @@ def test_the_api_refuses_seeds_outside_the_one_range(tiny_model, seed):
 
 
 def test_the_largest_seed_works_everywhere(capsys, tiny_model):
+    import numpy
+
     model = influence.load(tiny_model)
     first = model.generate("hi", max_tokens=3, temperature=1.0, seed=MAX_SEED).token_ids
-    assert model.generate("hi", max_tokens=3, temperature=1.0, seed=MAX_SEED).token_ids == first
+    assert model.generate("hi", max_tokens=3, temperature=1.0, seed=numpy.uint64(MAX_SEED)).token_ids == first
     code, _, err = invoke(capsys, "generate", "hi", "-p", str(tiny_model), "--max-tokens", "1", "--seed", str(MAX_SEED))
     assert code == 0, err
+
+
+def test_an_infinite_temperature_is_refused(capsys, tiny_model):
+    code, _, err = invoke(capsys, "generate", "hi", "-p", str(tiny_model), "--temperature", "inf")
+    assert_one_error_line(code, err, "temperature must be >= 0 and finite, got inf")
 
 
 def test_the_server_answers_400_for_a_seed_outside_the_range(tiny_model):

@@ -121,7 +121,7 @@ def made_by_store(directory: Path, root: Path) -> bool:
         inside = directory.resolve(strict=True).parent == root.resolve(strict=True)
     except OSError:
         return False
-    return inside and not directory.is_symlink() and directory.is_dir() and read_manifest(directory) is not None
+    return inside and not directory.is_symlink() and directory.is_dir() and isinstance(read_manifest(directory), dict)
 
 
 def remove_entries(*directories: Path) -> None:

@@ -351,8 +351,9 @@ def announce_overrides(overrides: list[Override]) -> None:
         return
     try:
         with store.editing_notices() as seen:
-            new = [key for key in keyed if key not in seen.setdefault("overrides", [])]
-            seen["overrides"] += new
+            shown = seen["overrides"] = [key for key in seen.get("overrides") or [] if isinstance(key, str)]
+            new = [key for key in keyed if key not in shown]
+            shown += new
     except (OSError, InfluenceError):  # a store we cannot write: announce every time rather than never
         new = list(keyed)
     for key in new:

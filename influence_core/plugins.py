@@ -351,7 +351,9 @@ def announce_overrides(overrides: list[Override]) -> None:
         return
     try:
         with store.editing_notices() as seen:
-            shown = seen["overrides"] = [key for key in seen.get("overrides") or [] if isinstance(key, str)]
+            previous = seen.get("overrides")
+            shown = seen["overrides"] = [key for key in previous if isinstance(key, str)] \
+                if isinstance(previous, list) else []
             new = [key for key in keyed if key not in shown]
             shown += new
     except (OSError, InfluenceError):  # a store we cannot write: announce every time rather than never

@@ -270,6 +270,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as bad:
         raise ModelFormatError(f"{path} is not valid JSON: {bad}") from None
+    except RecursionError:
+        raise ModelFormatError(f"{path} nests its JSON too deeply to read") from None
     if not isinstance(data, dict):
         raise ModelFormatError(f"{path} does not hold a JSON object")
     return data

@@ -344,7 +344,7 @@ def llama3_rope_scaling(factors: np.ndarray, rope_theta: float, head_dim: int) -
     factor = float(factors.max())
     blended = ~np.isclose(factors, 1.0, rtol=1e-5) & ~np.isclose(factors, factor, rtol=1e-5)
     unrecognised = ModelFormatError(f"{ROPE_FREQS} does not follow Llama 3's rope scaling, the only kind supported")
-    if blended.sum() < 2:
+    if factor <= 1 or blended.sum() < 2:  # Llama 3 divides slow frequencies by factor > 1
         raise unrecognised
     smooth = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(1 / wavelengths[blended], smooth, 1)  # smooth = slope/wavelength + intercept

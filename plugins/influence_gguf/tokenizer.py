@@ -36,9 +36,10 @@ def read_tokenizer(file: GGUFFile, config: ModelConfig) -> Tokenizer:
         raise ModelFormatError(f"{file.path} has {len(tokens)} tokens (tokenizer.ggml.tokens) for an embedding of "
                                f"{config.vocab_size} rows")
     unknown_id = file.number("tokenizer.ggml.unknown_token_id", None)
-    if unknown_id is not None and (not isinstance(unknown_id, int) or not 0 <= unknown_id < len(tokens)):
-        raise ModelFormatError(f"{file.path}: tokenizer.ggml.unknown_token_id {unknown_id!r} is not a token id "
-                               f"of its {len(tokens)}-token vocabulary")
+    special_ids = [config.bos_token_id, config.pad_token_id, *config.eos_token_ids, unknown_id]
+    if any(token_id is not None and (not isinstance(token_id, int) or not 0 <= token_id < len(tokens))
+           for token_id in special_ids):
+        raise ModelFormatError(f"{file.path} names a special token id outside its {len(tokens)}-token vocabulary")
     if kind not in ("gpt2", "llama"):
         raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     try:

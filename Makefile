@@ -29,7 +29,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The model-file fuzzing suite with many more cases than CI runs (about 0.15 s each).
+# The model-file fuzzing suite with many more cases than CI runs (about 20 ms each).
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
 	INFLUENCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz_model_files.py

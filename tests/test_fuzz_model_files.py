@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_file_fuzzing import TIME_BUDGET_S, Worker, write_gguf, write_model_directory
 
-EXAMPLES = int(os.environ.get("INFLUENCE_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("INFLUENCE_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -281,3 +281,15 @@ def test_a_refusal_through_the_cli_is_one_line(tmp_path, capsys):
 def test_open_source_refuses_as_load_does(tmp_path):
     with pytest.raises(ModelFormatError, match="num_hidden_layers"):
         open_source(model_directory(tmp_path, num_hidden_layers=0))
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ({"lm_head.weight": "../elsewhere.safetensors"}, "not a .safetensors file in the model's directory"),
+    ({"lm_head.weight": "model.safetensors", "model.extra.weight": "model.safetensors"},
+     "puts 'model.extra.weight' in model.safetensors, which does not hold it"),
+    ([1, 2], "weight_map should map tensor names to file names"),
+])
+def test_a_safetensors_index_that_disagrees_with_its_shards(tmp_path, weight_map, message):
+    directory = model_directory(tmp_path)
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    refused(directory, message)

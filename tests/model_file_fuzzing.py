@@ -122,21 +122,15 @@ def write_gguf(path: Path, config: dict | None = None, *, metadata: dict | None 
             "llama.attention.head_count_kv": config["num_key_value_heads"],
             "llama.attention.layer_norm_rms_epsilon": config["rms_norm_eps"],
             "llama.rope.freq_base": config["rope_theta"], **(metadata or {})}
-    for key, value in keys.items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, value)
     tokens = byte_level_vocabulary()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    writer.add_token_merges(["h e"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    keys.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
+                 "tokenizer.ggml.token_type": [3, 3, 3] + [1] * (len(tokens) - 3),
+                 "tokenizer.ggml.merges": ["h e"], "tokenizer.ggml.bos_token_id": 1,
+                 "tokenizer.ggml.eos_token_id": 2,
+                 "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                 **{key: value for key, value in (metadata or {}).items() if key.startswith("tokenizer.")}})
+    for key, value in keys.items():
+        add_metadata(writer, key, value)
     for name, values in llama_weights(config, seed).items():
         if values.ndim == 2 and quantization != "F32":
             qtype = gguf.GGMLQuantizationType[quantization]
@@ -148,6 +142,27 @@ def write_gguf(path: Path, config: dict | None = None, *, metadata: dict | None 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def add_metadata(writer, key: str, value: object) -> None:
+    """A metadata value in the GGUF type its Python type suggests (llama.cpp's converter writes
+    counts as uint32, floats as float32)."""
+    import gguf
+
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    elif 0 <= value < 2**32:
+        writer.add_uint32(key, value)
+    elif -2**31 <= value < 0:
+        writer.add_int32(key, value)
+    else:
+        writer.add_key_value(key, value % 2**64, gguf.GGUFValueType.UINT64)
 
 
 class Worker:

@@ -49,7 +49,7 @@ _MISSING = object()
 
 # Each metadata array element costs gguf-py about 560 bytes of Python objects (measured on the
 # default model: 147k elements, 82 MB). The largest real vocabularies (262k tokens, with scores and
-# types) need under 1M elements; a file asking for more is refused before gguf-py builds them.
+# types) need under 1M elements; twice that (about 1.2 GB) is the most gguf-py is let build.
 MAX_METADATA_ELEMENTS = 1 << 21
 # llama.cpp's GGML_MAX_DIMS.
 MAX_TENSOR_DIMS = 4

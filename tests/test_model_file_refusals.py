@@ -170,7 +170,7 @@ def test_the_array_count_bomb_through_the_cli(model_gguf):
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     done = subprocess.run([*CLI, "generate", "hi", "--model-path", str(array_length_bomb(model_gguf))],
-                          capture_output=True, text=True, timeout=60, preexec_fn=limit_memory)
+                          capture_output=True, text=True, timeout=30, preexec_fn=limit_memory)
     assert_one_error_line(done.returncode, done.stderr, "more than the")
 
 

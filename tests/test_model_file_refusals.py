@@ -293,3 +293,12 @@ def test_a_safetensors_index_that_disagrees_with_its_shards(tmp_path, weight_map
     directory = model_directory(tmp_path)
     (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     refused(directory, message)
+
+
+def test_a_tokenizer_with_ids_beyond_the_embedding(tmp_path):
+    directory = model_directory(tmp_path)
+    path = directory / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["model"]["vocab"]["he"] = 1000000
+    path.write_text(json.dumps(tokenizer))
+    refused(directory, "has the token id 1000000, beyond the 260 rows of the embedding")

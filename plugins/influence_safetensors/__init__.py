@@ -132,6 +132,10 @@ def load_directory(path: Path) -> ModelSource:
     check_weights(config, files, path)
     tokenizer = Tokenizer.from_dir(path, bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids,
                                    pad_token_id=config.pad_token_id)
+    largest_id = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest_id >= config.vocab_size:  # encoding would produce an id the embedding has no row for
+        raise ModelFormatError(f"{path / 'tokenizer.json'} has the token id {largest_id}, beyond the "
+                               f"{config.vocab_size} rows of the embedding (vocab_size)")
     sizes = sum(p.stat().st_size for p in set(files.values()))
     return ModelSource(
         path=path, format="safetensors", config=config, tokenizer=tokenizer,

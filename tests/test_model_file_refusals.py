@@ -302,3 +302,8 @@ def test_a_tokenizer_with_ids_beyond_the_embedding(tmp_path):
     tokenizer["model"]["vocab"]["he"] = 1000000
     path.write_text(json.dumps(tokenizer))
     refused(directory, "has the token id 1000000, beyond the 260 rows of the embedding")
+
+
+def test_value_heads_of_another_size_than_key_heads(tmp_path):
+    path = write_gguf(tmp_path / "model.gguf", metadata={"llama.attention.value_length": 16})
+    refused(path, "value heads of 16 dimensions with key heads of 8 are not supported")

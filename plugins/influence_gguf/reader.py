@@ -283,6 +283,10 @@ def read_config(file: GGUFFile) -> ModelConfig:
     if rope_dims is not None and rope_dims != config.head_dim:
         raise ModelFormatError(f"partial rotary embeddings (rope over {rope_dims} of {config.head_dim} dimensions) "
                                "are not supported")
+    value_length = file.count("llama.attention.value_length", None)
+    if value_length is not None and value_length != config.head_dim:
+        raise ModelFormatError(f"value heads of {value_length} dimensions with key heads of {config.head_dim} "
+                               "are not supported")
     # Recovering Llama 3's scaling needs a valid rope base and head size, which the config has now checked.
     scaling = rope_scaling(file, config.rope_theta, config.head_dim)
     if scaling is not None:

@@ -174,7 +174,7 @@ class Worker:
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.Popen([sys.executable, str(WORKER), str(MEMORY_BUDGET)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                stdout=subprocess.PIPE, text=True, env=env)  # stderr: the test's own
 
     def attempt(self, path: Path) -> dict:
         if self.process is None or self.process.poll() is not None:

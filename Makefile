@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test fuzz clean
 
 EXAMPLE_PLUGINS := examples/influence-qwen2 examples/influence-mistral
 
@@ -28,6 +28,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The model-file fuzzing suite with many more cases than CI runs (about 20 ms each).
+FUZZ_EXAMPLES ?= 2000
+fuzz: setup
+	INFLUENCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz_model_files.py
 
 clean:
 	rm -rf $(VENV)

@@ -90,19 +90,21 @@ class Tokenizer:
         except Exception as error:
             raise ModelFormatError(f"{path} could not be read: {error}") from None
         settings = _read_tokenizer_config(directory)
-        chat_template = settings.get("chat_template")
-        if isinstance(chat_template, list):  # named templates: take the default one
-            chat_template = next((t["template"] for t in chat_template if t.get("name") == "default"), None)
+        config_path = directory / "tokenizer_config.json"
+        chat_template = _chat_template(settings.get("chat_template"), config_path)
         template_file = directory / "chat_template.jinja"
         if chat_template is None and template_file.exists():
-            chat_template = template_file.read_text(encoding="utf-8")
+            try:
+                chat_template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ModelFormatError(f"{template_file} is not UTF-8 text: {error}") from None
         eos_ids = list(eos_token_ids)
-        eos_text = _token_content(settings.get("eos_token"))
+        eos_text = _token_content(settings.get("eos_token"), "eos_token", config_path)
         if eos_text is not None and backend.token_to_id(eos_text) is not None:
             eos_id = backend.token_to_id(eos_text)
             if eos_id not in eos_ids:
                 eos_ids.append(eos_id)
-        bos_text = _token_content(settings.get("bos_token"))
+        bos_text = _token_content(settings.get("bos_token"), "bos_token", config_path)
         if bos_token_id is None and bos_text is not None:
             bos_token_id = backend.token_to_id(bos_text)
         return cls(backend, bos_token_id=bos_token_id, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
@@ -148,15 +150,33 @@ def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ModelFormatError(f"{path} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ModelFormatError(f"{path} nests its JSON too deeply to read") from None
+    if not isinstance(settings, dict):
+        raise ModelFormatError(f"{path} does not hold a JSON object")
+    return settings
 
 
-def _token_content(token: Any) -> str | None:
-    if isinstance(token, dict):
-        return token.get("content")
-    return token
+def _chat_template(value: Any, path: Path) -> str | None:
+    """chat_template is one template, or named ones of which "default" is taken."""
+    if isinstance(value, list):
+        if not all(isinstance(entry, dict) and isinstance(entry.get("template"), str) for entry in value):
+            raise ModelFormatError(f"{path}: chat_template should list objects with a \"template\" string")
+        value = next((entry["template"] for entry in value if entry.get("name") == "default"), None)
+    if value is not None and not isinstance(value, str):
+        raise ModelFormatError(f"{path}: chat_template should be a string, not {type(value).__name__}")
+    return value
+
+
+def _token_content(token: Any, name: str, path: Path) -> str | None:
+    """A special token as tokenizer_config.json writes it: its text, or an object with "content"."""
+    text = token.get("content") if isinstance(token, dict) else token
+    if text is not None and not isinstance(text, str):
+        raise ModelFormatError(f"{path}: {name} should be the token's text, not {token!r}")
+    return text
 
 
 MAX_TEMPLATE_CHARS = 8_000_000  # some 2M tokens of prompt: more than any context holds

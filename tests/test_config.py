@@ -36,7 +36,7 @@ def test_eos_ids_merge_config_and_generation_config():
     ({"num_key_value_heads": 3}, "not a multiple"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"vocab_size": None}, "invalid value"),
+    ({"vocab_size": None}, "vocab_size should be a positive integer, not None"),
 ])
 def test_unsupported_or_broken_configs_are_clear_errors(change, message):
     with pytest.raises(ModelFormatError, match=message):

@@ -30,31 +30,40 @@ SUPPORTED_PRE_TOKENIZERS = ("default", "gpt2", "llama-bpe", "smollm")
 
 
 def read_tokenizer(file: GGUFFile, config: ModelConfig) -> Tokenizer:
-    kind = file.value("tokenizer.ggml.model")
-    tokens = file.value("tokenizer.ggml.tokens")
-    if kind == "gpt2":
-        backend = byte_level_bpe(file, tokens)
-    elif kind == "llama":
-        backend = sentencepiece_bpe(file, tokens)
-    else:
-        raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
-    special_ids = [config.bos_token_id, config.pad_token_id, *config.eos_token_ids,
-                   file.number("tokenizer.ggml.unknown_token_id", None)]
-    if any(token_id is not None and not 0 <= token_id < len(tokens) for token_id in special_ids):
+    kind = file.text("tokenizer.ggml.model")
+    tokens = file.texts("tokenizer.ggml.tokens")
+    if not 0 < len(tokens) <= config.vocab_size:  # fewer is a padded embedding; more, ids it has no row for
+        raise ModelFormatError(f"{file.path} has {len(tokens)} tokens (tokenizer.ggml.tokens) for an embedding of "
+                               f"{config.vocab_size} rows")
+    unknown_id = file.number("tokenizer.ggml.unknown_token_id", None)
+    special_ids = [config.bos_token_id, config.pad_token_id, *config.eos_token_ids, unknown_id]
+    if any(token_id is not None and (not isinstance(token_id, int) or not 0 <= token_id < len(tokens))
+           for token_id in special_ids):
         raise ModelFormatError(f"{file.path} names a special token id outside its {len(tokens)}-token vocabulary")
-    add_special_tokens(backend, tokens, file.value("tokenizer.ggml.token_type", []))
+    if kind not in ("gpt2", "llama"):
+        raise ModelFormatError(f"GGUF tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    try:
+        backend = byte_level_bpe(file, tokens) if kind == "gpt2" else sentencepiece_bpe(file, tokens, unknown_id)
+    except ModelFormatError:
+        raise
+    except Exception as error:  # the tokenizers library refuses an inconsistent vocabulary with a plain Exception
+        raise ModelFormatError(f"{file.path}: its tokenizer metadata does not make a tokenizer: {error}") from None
+    token_types = file.numbers("tokenizer.ggml.token_type", [])
+    if token_types and len(token_types) != len(tokens):
+        raise ModelFormatError(f"{file.path} has {len(token_types)} token types for {len(tokens)} tokens")
+    add_special_tokens(backend, tokens, token_types)
     # SentencePiece models add BOS unless told otherwise; byte-level ones say so when they do.
-    add_bos = file.value("tokenizer.ggml.add_bos_token", kind == "llama")
-    add_eos = file.value("tokenizer.ggml.add_eos_token", False)
+    add_bos = file.flag("tokenizer.ggml.add_bos_token", kind == "llama")
+    add_eos = file.flag("tokenizer.ggml.add_eos_token", False)
     backend.post_processor = add_bos_eos(tokens, config.bos_token_id if add_bos else None,
                                          config.eos_token_ids[0] if add_eos and config.eos_token_ids else None)
     return Tokenizer(backend, bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids,
-                     pad_token_id=config.pad_token_id, chat_template=file.value("tokenizer.chat_template", None))
+                     pad_token_id=config.pad_token_id, chat_template=file.text("tokenizer.chat_template", None))
 
 
 def byte_level_bpe(file: GGUFFile, tokens: list[str]) -> HFTokenizer:
-    pre = file.value("tokenizer.ggml.pre", "default")
-    merges = [split_merge(merge) for merge in file.value("tokenizer.ggml.merges")]
+    pre = file.text("tokenizer.ggml.pre", "default")
+    merges = [split_merge(merge) for merge in file.texts("tokenizer.ggml.merges")]
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     # Llama 3 takes a word that is itself a token as it is, before any merge (so does llama.cpp).
     backend = HFTokenizer(models.BPE(vocab, merges, ignore_merges=pre == "llama-bpe"))
@@ -87,15 +96,16 @@ def split_merge(merge: str) -> tuple[str, str]:
     return merge[:space], merge[space + 1:]
 
 
-def sentencepiece_bpe(file: GGUFFile, tokens: list[str]) -> HFTokenizer:
-    scores = file.value("tokenizer.ggml.scores")
-    unknown_id = file.value("tokenizer.ggml.unknown_token_id", None)
+def sentencepiece_bpe(file: GGUFFile, tokens: list[str], unknown_id: int | None) -> HFTokenizer:
+    scores = file.numbers("tokenizer.ggml.scores")
+    if len(scores) != len(tokens):
+        raise ModelFormatError(f"{file.path} has {len(scores)} token scores for {len(tokens)} tokens")
     vocab = {token: token_id for token_id, token in enumerate(tokens)}
     backend = HFTokenizer(models.BPE(vocab, merges_from_scores(tokens, scores),
                                      unk_token=tokens[unknown_id] if unknown_id is not None else None,
                                      fuse_unk=True, byte_fallback=True))
     # SentencePiece writes spaces as "▁" and, unless told not to, starts the text with one.
-    add_space_prefix = file.value("tokenizer.ggml.add_space_prefix", True)
+    add_space_prefix = file.flag("tokenizer.ggml.add_space_prefix", True)
     prefix = [normalizers.Prepend("▁")] if add_space_prefix else []
     backend.normalizer = normalizers.Sequence([*prefix, normalizers.Replace(" ", "▁")])
     strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []

@@ -55,18 +55,16 @@ def _open(path: Path) -> Any:
         raise ModelFormatError(f"{path} is not a valid safetensors file: {error}") from None
 
 
+# What the architectures convert from; integer, boolean and 8-bit float tensors are raw quantized
+# data or something else that only reads as numbers, never a weight to run as it is.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def weight_files(directory: Path) -> dict[str, Path]:
     """Tensor name -> the file holding it; reads only the headers."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ModelFormatError(f"{index} is not a valid safetensors index: {error}") from None
-        files = {name: directory / file for name, file in weight_map.items()}
-        for path in set(files.values()):
-            _open(path)  # fail now, with the file's name, if a shard is missing or corrupt
-        return files
+        return _indexed_files(directory, index)
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -76,7 +74,52 @@ def weight_files(directory: Path) -> dict[str, Path]:
                 "because loading a pickle can run arbitrary code. Convert them to safetensors first."
             )
         raise ModelFormatError(f"{directory} has no *.safetensors weights")
-    return {name: path for path in shards for name in _open(path).keys()}
+    files: dict[str, Path] = {}
+    for path in shards:
+        for name in _open(path).keys():
+            if name in files:
+                raise ModelFormatError(f"tensor {name!r} is in both {files[name].name} and {path.name}")
+            files[name] = path
+    return files
+
+
+def _indexed_files(directory: Path, index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise ModelFormatError(f"{index} is not a valid safetensors index: {error}") from None
+    except RecursionError:
+        raise ModelFormatError(f"{index} nests its JSON too deeply to read") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(file, str)
+                                                   for name, file in weight_map.items()):
+        raise ModelFormatError(f"{index}: weight_map should map tensor names to file names")
+    for file in set(weight_map.values()):
+        if Path(file).name != file or not file.endswith(".safetensors"):
+            raise ModelFormatError(f"{index} names {file!r}, not a .safetensors file in the model's directory")
+    files = {name: directory / file for name, file in weight_map.items()}
+    for path in set(files.values()):
+        held = set(_open(path).keys())  # fail now, with the file's name, if a shard is missing or corrupt
+        missing = sorted(name for name, file in files.items() if file == path and name not in held)
+        if missing:
+            raise ModelFormatError(f"{index} puts {missing[0]!r} in {path.name}, which does not hold it")
+    return files
+
+
+def check_weights(config: ModelConfig, files: dict[str, Path], source: Path) -> None:
+    """Every weight and bias floating point and shaped as the config implies; reads only the headers."""
+    shapes = {}
+    for path in set(files.values()):
+        with _open(path) as handle:
+            for name in handle.keys():
+                if files.get(name) != path:
+                    continue
+                header = handle.get_slice(name)
+                dtype = header.get_dtype()
+                if name.endswith((".weight", ".bias")) and dtype not in FLOAT_DTYPES:
+                    raise ModelFormatError(f"{path}: tensor {name!r} is stored as {dtype}; weights must be "
+                                           f"floating point ({', '.join(FLOAT_DTYPES)})")
+                shapes[name] = tuple(header.get_shape())
+    config.check_tensors(shapes, str(source))
 
 
 def is_model_directory(path: Path) -> bool:
@@ -86,8 +129,13 @@ def is_model_directory(path: Path) -> bool:
 def load_directory(path: Path) -> ModelSource:
     config = ModelConfig.from_dir(path)
     files = weight_files(path)
+    check_weights(config, files, path)
     tokenizer = Tokenizer.from_dir(path, bos_token_id=config.bos_token_id, eos_token_ids=config.eos_token_ids,
                                    pad_token_id=config.pad_token_id)
+    largest_id = max(tokenizer.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest_id >= config.vocab_size:  # encoding would produce an id the embedding has no row for
+        raise ModelFormatError(f"{path / 'tokenizer.json'} has the token id {largest_id}, beyond the "
+                               f"{config.vocab_size} rows of the embedding (vocab_size)")
     sizes = sum(p.stat().st_size for p in set(files.values()))
     return ModelSource(
         path=path, format="safetensors", config=config, tokenizer=tokenizer,

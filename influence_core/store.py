@@ -135,6 +135,9 @@ def convert_into_store(source: ModelSource, name: str) -> Path:
     print(f"influence: converting {source.path.name} to safetensors in {target} "
           "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
     write_hf_directory(source, target, progress=True)
+    from .progress import report_disk_use
+
+    report_disk_use("the converted model", target)
     return target
 
 

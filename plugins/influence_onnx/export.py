@@ -34,9 +34,10 @@ from influence_core.store import (MANIFEST, atomic_directory, convert_into_store
 from influence_core.tokenizer import Tokenizer
 
 MODEL_FILE = "model.onnx"
-# Seconds per model parameter each one-off step took on a 2-core machine (SmolLM2-135M: export 35 s,
-# fusions 50 s, int8 30 s, float16 20 s), the estimate shown until this machine has timed its own.
-SECONDS_PER_PARAMETER = {"export": 2.6e-7, "float32": 3.7e-7, "int8": 2.2e-7, "float16": 1.5e-7}
+# Seconds per model parameter for each one-off step, the estimate shown until this machine has timed
+# its own: the export took 35 s for SmolLM2-135M on a quiet 2-core machine, and in one run on a busy
+# one the fusions took 1.95x the export's time, int8 0.43x and float16 0.19x.
+SECONDS_PER_PARAMETER = {"export": 2.6e-7, "float32": 5.1e-7, "int8": 1.1e-7, "float16": 4.9e-8}
 TASK = "text-generation-with-past"
 # Node-name parts of the float32 export that stay float32 in the float16 variant: RMSNorm squares
 # activations (which overflow float16), and rotary angles grow with the position (float16 cannot

@@ -1,6 +1,7 @@
 """Which default sampling settings give good first answers on a small chat model.
 
-    .venv/bin/python benchmarks/sampling_defaults.py [--model-path PATH] [--max-tokens 256] [--seeds 3] [--json]
+    .venv/bin/python benchmarks/sampling_defaults.py [--model-path PATH] [--max-tokens 256] [--seeds 3]
+        [--prompts N] [--only 1,3] [--json]
 
 For each candidate setting, every chat prompt of onnx_int8.py is answered with a few seeds, and
 three things are counted: how often the model ends its answer itself (EOS) before the token limit,
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
+    parser.add_argument("--only", help="comma-separated candidate numbers (1-based), default: all")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -56,7 +58,8 @@ def main() -> None:
 
     model = influence.load(args.model_path, dtype=args.dtype, threads=args.threads)
     rows = []
-    for label, settings in CANDIDATES.items():
+    chosen = [int(n) - 1 for n in args.only.split(",")] if args.only else range(len(CANDIDATES))
+    for label, settings in [list(CANDIDATES.items())[i] for i in chosen]:
         seeds = [0] if settings.get("temperature") == 0 else range(args.seeds)
         results = [model.generate(prompt, max_tokens=args.max_tokens, seed=seed, **settings)
                    for prompt in PROMPTS[:args.prompts] for seed in seeds]

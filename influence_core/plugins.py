@@ -2,8 +2,16 @@
 
 Plugins come from the ``influence`` entry-point group (ours and third parties' alike) or are
 registered in-process with `register_plugin`. A plugin that fails to import, or raises while
-registering, is skipped with one warning line; the rest keep working. So is a plugin written for
-hook specs this core does not provide (see `hookspecs.HOOKSPEC_VERSION`).
+registering (``sys.exit`` and KeyboardInterrupt included), is skipped with one warning line; the
+rest keep working. So is a plugin written for hook specs this core does not provide (see
+`hookspecs.HOOKSPEC_VERSION`), and a third-party entry point that takes a built-in plugin's name.
+At run time, a loader whose ``detect`` raises is skipped with a warning, and any other failure of
+a plugin's code names the plugin (`call_plugin`).
+
+Replacing a built-in (registering a sampler, backend, loader, architecture or command of the same
+name) is allowed, and visible: `influence plugins` lists every override, and an installed plugin's
+override is announced on stderr once, the first time it is seen (remembered in
+``INFLUENCE_HOME/notices.json``; a new version of the plugin is announced again).
 
 ``INFLUENCE_TRACE_PLUGINS=1`` prints to stderr which plugins load, each hook call, the
 implementations it calls in order and what each registered.
@@ -26,6 +34,7 @@ from . import hookspecs
 from .config import ModelConfig
 from .errors import (
     BackendError,
+    InfluenceError,
     ModelNotFoundError,
     PluginVersionError,
     SamplingError,
@@ -34,6 +43,8 @@ from .errors import (
 from .interfaces import Architecture, Backend, ModelLoader, Sampler
 
 ENTRY_POINT_GROUP = "influence"
+BUILTIN_DISTRIBUTION = "influence"  # the plugins we ship come with the core's own distribution
+CORE = "influence"  # who provides the core's own commands
 LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "INFLUENCE_TRACE_PLUGINS"
 HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
@@ -43,6 +54,11 @@ HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
 KNOWN_ARCHITECTURE_PLUGINS = {"qwen2": "influence-qwen2", "mistral": "influence-mistral"}
 
 hookimpl = pluggy.HookimplMarker("influence")
+
+# A plugin's code raising these must not end the command: it is skipped like any other failure.
+# At import and registration a KeyboardInterrupt is the plugin's too; at run time it is the user's.
+PLUGIN_FAILURES = (Exception, SystemExit, KeyboardInterrupt)
+RUN_TIME_FAILURES = (Exception, SystemExit)
 
 # hook name -> (what each registered item must be, registry attribute)
 REGISTER_HOOKS: dict[str, tuple[type, str]] = {
@@ -62,6 +78,19 @@ def trace(message: str) -> None:
         print(f"influence: trace: {message}", file=sys.stderr)
 
 
+@dataclass(frozen=True)
+class Override:
+    """A plugin's ``kind`` called ``name`` that replaces the built-in one of ``replaced``."""
+
+    kind: str  # sampler, backend, loader, architecture, command
+    name: str
+    plugin: str
+    replaced: str
+
+    def describe(self) -> str:
+        return f"the built-in {self.kind} {self.name!r} (of {self.replaced!r})"
+
+
 @dataclass
 class PluginInfo:
     name: str
@@ -69,6 +98,7 @@ class PluginInfo:
     distribution: str | None
     hooks: list[str]
     provides: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # "sampler:argmax (built-in, of samplers)"
 
 
 @dataclass
@@ -80,6 +110,7 @@ class Registry:
     samplers: list[Sampler] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
     provider: dict[int, str] = field(default_factory=dict)  # id(item) -> plugin name
+    overrides: list[Override] = field(default_factory=list)
 
     def add(self, attribute: str, item: Any, plugin_name: str) -> None:
         getattr(self, attribute).append(item)
@@ -102,7 +133,13 @@ class Registry:
 
     def loader_for(self, path: Path) -> ModelLoader:
         for loader in self.loaders:
-            if loader.detect(path):
+            try:
+                detected = loader.detect(path)
+            except RUN_TIME_FAILURES as error:  # one broken loader must not break loading for the others
+                warn(f"plugin {self.provided_by(loader)!r}: loader {loader.name!r} was skipped: its detect() "
+                     f"raised {type(error).__name__}: {error}")
+                continue
+            if detected:
                 return loader
         raise ModelNotFoundError(
             f"no installed model loader recognises {path} (loaders: {_names(self.loaders)}; "
@@ -136,6 +173,19 @@ class Registry:
         )
 
 
+def call_plugin(registry: Registry, item: Any, what: str, function: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> Any:
+    """Run a registered item's code; a failure that is not already a clear `InfluenceError` becomes
+    one naming the plugin, instead of an anonymous "unexpected" error."""
+    try:
+        return function(*args, **kwargs)
+    except InfluenceError:
+        raise
+    except RUN_TIME_FAILURES as error:
+        raise InfluenceError(f"plugin {registry.provided_by(item)!r} failed in {what}: "
+                             f"{type(error).__name__}: {error}") from error
+
+
 def _names(items: list[Any]) -> str:
     return ", ".join(dict.fromkeys(item.name for item in items)) or "none"
 
@@ -155,13 +205,39 @@ def _allowed_plugins() -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+def _is_builtin(entry_point: importlib.metadata.EntryPoint) -> bool:
+    return entry_point.dist is not None and entry_point.dist.name == BUILTIN_DISTRIBUTION
+
+
+@lru_cache(maxsize=1)
+def builtin_plugins() -> frozenset[str]:
+    """The names of the plugins we ship."""
+    return frozenset(ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if _is_builtin(ep))
+
+
+# The entry point each plugin name was loaded from (a name's other entry points were skipped).
+_entry_points: dict[str, importlib.metadata.EntryPoint] = {}
+
+
 def _load_entry_points(manager: pluggy.PluginManager) -> None:
     allowed = _allowed_plugins()
-    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    _entry_points.clear()
+    # Built-ins first, so that a third-party entry point of the same name cannot push one out.
+    entry_points = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: not _is_builtin(ep))
+    for entry_point in entry_points:
         if allowed is not None and entry_point.name not in allowed:
+            continue
+        if entry_point.name in _entry_points:
+            first = _entry_points[entry_point.name]
+            if first.value != entry_point.value:  # not merely the same distribution found twice
+                warn(f"plugin {entry_point.name!r} ({entry_point.value}{_from(entry_point)}) was skipped: "
+                     f"{'the built-in' if _is_builtin(first) else 'another'} plugin {entry_point.name!r} "
+                     f"({first.value}{_from(first)}) has that name; a plugin replaces a built-in by registering "
+                     "a sampler, backend, loader or command of the same name, under its own plugin name")
             continue
         if manager.has_plugin(entry_point.name):
             continue
+        _entry_points[entry_point.name] = entry_point  # even if it fails below: a broken built-in is not replaced
         try:
             plugin = entry_point.load()
             check_hookspec_version(plugin, f"{entry_point.name!r} ({entry_point.value})")
@@ -169,13 +245,16 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
         except PluginVersionError as refused:
             warn(f"{refused}; it was skipped")
             continue
-        except Exception as error:  # a broken plugin must not break the CLI
+        except PLUGIN_FAILURES as error:  # a broken plugin must not break the CLI, whatever it raises
             warn(f"plugin {entry_point.name!r} ({entry_point.value}) was skipped: it failed to load: "
                  f"{type(error).__name__}: {error}")
             continue
-        dist = f" from {entry_point.dist.name} {entry_point.dist.version}" if entry_point.dist else ""
-        trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){dist}")
+        trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){_from(entry_point)}")
         _warn_unknown_hooks(manager, entry_point.name)
+
+
+def _from(entry_point: importlib.metadata.EntryPoint) -> str:
+    return f" from {entry_point.dist.name} {entry_point.dist.version}" if entry_point.dist else ""
 
 
 def _version_pair(version: str) -> tuple[int, int]:
@@ -228,7 +307,61 @@ def get_registry() -> Registry:
         for plugin_name, items in _call_register_hook(manager, hook_name, item_type):
             for item in items:
                 registry.add(attribute, item, plugin_name)
+        registry.overrides += _overrides(registry, attribute)
+    announce_overrides(registry.overrides)
     return registry
+
+
+def _overrides(registry: Registry, attribute: str) -> list[Override]:
+    """Built-ins that a plugin's item of the same name (the first registered, which wins) hides."""
+    winners: dict[tuple[str, ...], Any] = {}
+    found = []
+    for item in getattr(registry, attribute):
+        key = (item.name, item.backend) if isinstance(item, Architecture) else (item.name,)
+        winner = winners.setdefault(key, item)
+        plugin, replaced = registry.provided_by(winner), registry.provided_by(item)
+        if winner is not item and replaced in builtin_plugins() and plugin not in builtin_plugins():
+            found.append(Override(attribute[:-1], item.name, plugin, replaced))
+    return found
+
+
+# Overrides of commands, which the CLI finds as plugins add them (`record_command_overrides`).
+_command_overrides: list[Override] = []
+
+
+def record_command_overrides(plugin_name: str, replaced: dict[str, str]) -> None:
+    """``plugin_name`` added commands named as the built-in ones in ``replaced`` (name -> provider)."""
+    if plugin_name in builtin_plugins():
+        return
+    overrides = [Override("command", name, plugin_name, provider) for name, provider in replaced.items()
+                 if provider == CORE or provider in builtin_plugins()]
+    _command_overrides.extend(overrides)
+    announce_overrides(overrides)
+
+
+def announce_overrides(overrides: list[Override]) -> None:
+    """One notice line per override by an installed plugin, the first time this store sees it."""
+    if not overrides:
+        return
+    from . import store
+
+    versions = {name: ep.dist.version for name, ep in _entry_points.items() if ep.dist}
+    keyed = {f"{o.plugin} {versions[o.plugin]}: {o.kind} {o.name}": o for o in overrides if o.plugin in versions}
+    if not keyed:
+        return
+    try:
+        with store.editing_notices() as seen:
+            previous = seen.get("overrides")
+            shown = seen["overrides"] = [key for key in previous if isinstance(key, str)] \
+                if isinstance(previous, list) else []
+            new = [key for key in keyed if key not in shown]
+            shown += new
+    except (OSError, InfluenceError):  # a store we cannot write: announce every time rather than never
+        new = list(keyed)
+    for key in new:
+        override = keyed[key]
+        print(f"influence: notice: plugin {override.plugin!r} replaces {override.describe()}; "
+              "`influence plugins` lists every override", file=sys.stderr)
 
 
 def _implementations(manager: pluggy.PluginManager, hook_name: str) -> list[tuple[str, Any]]:
@@ -241,7 +374,7 @@ def _guarded(plugin_name: str, hook_name: str, call: Callable[[], None]) -> bool
     """Run one plugin's implementation; if it raises, warn and report failure instead."""
     try:
         call()
-    except Exception as error:  # a broken plugin must not break the others
+    except PLUGIN_FAILURES as error:  # a broken plugin must not break the others
         warn(f"plugin {plugin_name!r} was skipped for {hook_name}: {type(error).__name__}: {error}")
         return False
     return True
@@ -251,14 +384,17 @@ def _trace_call(hook_name: str, implementations: list[tuple[str, Any]]) -> None:
     trace(f"{hook_name}: calling {', '.join(name for name, _ in implementations) or 'no implementations'}")
 
 
-def call_each_implementation(hook_name: str, **kwargs: Any) -> None:
+def call_each_implementation(hook_name: str, *, after: Callable[[str], None] | None = None, **kwargs: Any) -> None:
     """Call every implementation of a hook on its own, skipping (with a warning) any that raises.
-    Each is passed only the arguments it names, so one written before an argument was added works."""
+    Each is passed only the arguments it names, so one written before an argument was added works;
+    ``after(plugin_name)`` runs after each one that succeeded."""
     implementations = _implementations(get_plugin_manager(), hook_name)
     _trace_call(hook_name, implementations)
     for plugin_name, impl in implementations:
         if _guarded(plugin_name, hook_name, lambda: impl.function(*[kwargs[arg] for arg in impl.argnames])):
             trace(f"  {plugin_name}: done")
+            if after is not None:
+                after(plugin_name)
 
 
 def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
@@ -293,9 +429,7 @@ def list_plugins() -> list[PluginInfo]:
     """Every loaded plugin: name, version, the hooks it implements and what it registered."""
     manager = get_plugin_manager()
     registry = get_registry()
-    distributions = {
-        ep.name: ep.dist for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.dist
-    }
+    distributions = {name: ep.dist for name, ep in _entry_points.items() if ep.dist}
     infos = []
     for name, plugin in manager.list_name_plugin():
         dist = distributions.get(name)
@@ -305,6 +439,9 @@ def list_plugins() -> list[PluginInfo]:
             for item in getattr(registry, attribute):
                 if registry.provided_by(item) == name:
                     provides.append(f"{attribute[:-1]}:{item.name}")
+        overrides = [f"{o.kind}:{o.name} (built-in, of {o.replaced})"
+                     for o in [*registry.overrides, *_command_overrides] if o.plugin == name]
         infos.append(PluginInfo(name=name, version=dist.version if dist else None,
-                                distribution=dist.name if dist else None, hooks=hooks, provides=provides))
+                                distribution=dist.name if dist else None, hooks=hooks, provides=provides,
+                                overrides=overrides))
     return infos

@@ -7,6 +7,8 @@ with ``--sampler`` replaces the picker if it is one, or runs after the built-in 
 
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -14,9 +16,13 @@ from typing import Any
 
 from .config import GenerationDefaults
 from .defaults import BUILTIN_SAMPLING
-from .errors import SamplingError
+from .errors import InfluenceError, SamplingError
 from .interfaces import SamplingContext
-from .plugins import Registry
+from .plugins import Registry, call_plugin
+
+# Seeds are refused outside [0, MAX_SEED] (the range torch.Generator takes without wrapping), in
+# the API, the CLI and the server alike, rather than reduced: two different seeds never collide.
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,8 @@ class SamplingParams:
         )
 
     def validate(self) -> None:
-        if self.temperature is not None and self.temperature < 0:
-            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature is not None and not 0 <= self.temperature < math.inf:
+            raise SamplingError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_k is not None and self.top_k < 0:
             raise SamplingError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -58,6 +64,12 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not (_is_integer(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise SamplingError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def sampling_defaults(model_defaults: GenerationDefaults) -> GenerationDefaults:
@@ -109,9 +121,12 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
     def create(name: str, **options: Any) -> Callable[..., Any]:
         sampler = registry.sampler(name)
         try:
-            return sampler.create(**options)
-        except TypeError as error:
-            raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: {error}") from None
+            return call_plugin(registry, sampler, f"sampler {name!r}", sampler.create, **options)
+        except InfluenceError as error:
+            if isinstance(error.__cause__, TypeError):  # options the sampler's create() does not take
+                raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: "
+                                    f"{error.__cause__}") from None
+            raise
 
     processors = []
     if params.repetition_penalty != 1.0:
@@ -135,7 +150,7 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
             processors.append(chosen)
     elif params.sampler_options:
         raise SamplingError("sampler options (-o) need --sampler NAME to say which sampler they are for")
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    seed = int(params.seed) if params.seed is not None else secrets.randbits(63)  # int: numpy's too
     # Greedy decoding ignores the warpers, so they are reported as absent rather than as in force.
     settings = {"temperature": params.temperature, "top_k": None if greedy else params.top_k,
                 "top_p": None if greedy else params.top_p, "min_p": None if greedy else params.min_p,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field
 from .api import Model
 from .engine import BatchEngine, Job, QueueFullError
 from .errors import InfluenceError
+from .sampling import MAX_SEED
 
 # OpenAI's finish reasons: "stop" when the model or a stop string ended it, "length" when a limit did.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -36,7 +38,7 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
@@ -238,9 +240,23 @@ async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, 
 def serve(model: Model, model_name: str, host: str, port: int, max_queue: int) -> None:
     import uvicorn
 
-    engine = BatchEngine(model.runner, max_queue=max_queue)
-    engine.start()
+    with _listen(host, port) as listening:
+        engine = BatchEngine(model.runner, max_queue=max_queue)
+        engine.start()
+        try:
+            config = uvicorn.Config(create_app(model, engine, model_name), log_level="warning")
+            uvicorn.Server(config).run(sockets=[listening])
+        finally:
+            engine.stop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so that a busy or forbidden address is one clear error."""
     try:
-        uvicorn.run(create_app(model, engine, model_name), host=host, port=port, log_level="warning")
-    finally:
-        engine.stop()
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+    except OSError as error:
+        raise InfluenceError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listening

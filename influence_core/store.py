@@ -5,11 +5,16 @@ Everything Influence keeps lives under ``INFLUENCE_HOME`` (default ``~/.cache/in
     models/NAME/        Hugging Face directories: converted or downloaded models, one per name
                         (a download of ORG/NAME is models/ORG--NAME)
     models/NAME/influence.json   where the model came from (its provenance and fingerprint)
-    models.json         aliases, and the default model `influence models default` chose
+    models.json         aliases, and the default model `influence models default` chose; edited
+                        under a file lock (.models.json.lock) and replaced atomically
     exports/KIND/KEY/   derived artefacts (ONNX exports, ...), keyed by the source's fingerprint
 
 Any `ModelSource`, whatever its format, can be written out as a standard Hugging Face directory
 (`write_hf_directory`); that is how a GGUF model is converted once and then loaded fast.
+
+The store never reaches outside its directory: a model name is one plain path component
+(`entry_directory`), and the store deletes or replaces only what it made itself (`remove_entry`): a
+real directory directly inside models/, not a link, holding the manifest the store wrote.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +38,8 @@ from .interfaces import ModelSource
 
 MANIFEST = "influence.json"
 NAMES = "models.json"
+NOTICES = "notices.json"  # the notices already shown once (plugins' overrides of built-ins)
+INDEX_LOCK_TIMEOUT_S = 30
 
 
 def home() -> Path:
@@ -76,6 +84,43 @@ def installed_default_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+def is_entry_name(name: str) -> bool:
+    """A name the store can hold: one plain path component, not hidden (``.*`` are unfinished work)."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and name == name.strip()
+            and not any(character in name for character in ("/", "\\", "\0")))
+
+
+def entry_directory(name: str) -> Path:
+    """``models/NAME``; a name that could reach outside models/ ('..', a path) is refused."""
+    if not is_entry_name(name):
+        raise ModelNotFoundError(f"{name!r} is not a model name in the store: names have no '/' or '\\' and do not "
+                                 "start with '.' (see `influence models list`; give a path with -p/--model-path)")
+    return models_dir() / name
+
+
+def made_by_store(directory: Path, root: Path) -> bool:
+    """Whether the store made ``directory``: a real directory (not a link) directly inside ``root``,
+    holding the manifest the store writes into everything it creates."""
+    try:
+        inside = directory.resolve(strict=True).parent == root.resolve(strict=True)
+    except OSError:
+        return False
+    return inside and not directory.is_symlink() and directory.is_dir() and isinstance(read_manifest(directory), dict)
+
+
+def remove_entries(*directories: Path) -> None:
+    """Delete directories of models/ that the store made; refuse (deleting none) if any is not one."""
+    for directory in directories:
+        if not made_by_store(directory, models_dir()):
+            raise InfluenceError(f"{directory} was not made by Influence (it is not a directory of {models_dir()} "
+                                 f"holding {MANIFEST}), so it is left alone; remove it yourself if you mean to")
+    for directory in directories:
+        try:
+            shutil.rmtree(directory)
+        except OSError as error:
+            raise InfluenceError(f"could not remove {directory}: {error.strerror or error}") from None
+
+
 def read_names() -> dict[str, Any]:
     """``{"aliases": {ALIAS: NAME}, "default": NAME}``, NAME being a directory under models/."""
     try:
@@ -84,16 +129,61 @@ def read_names() -> dict[str, Any]:
         names = {}
     except (OSError, json.JSONDecodeError) as error:
         raise InfluenceError(f"{home() / NAMES} is unreadable ({error}); fix or delete it") from None
-    names.setdefault("aliases", {})
+    if not isinstance(names, dict) or not isinstance(names.setdefault("aliases", {}), dict):
+        raise InfluenceError(f"{home() / NAMES} is not an index of aliases (a JSON object); fix or delete it")
     return names
 
 
-def write_names(names: dict[str, Any]) -> None:
-    path = home() / NAMES
+def editing_names() -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """The index, for a read-modify-write that no other process interleaves with."""
+    return _editing(home() / NAMES, read_names)
+
+
+def editing_notices() -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """The notices already shown, for a read-modify-write like `editing_names`."""
+
+    def read() -> dict[str, Any]:
+        try:
+            notices = json.loads((home() / NOTICES).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            notices = {}  # lost or damaged: at worst a notice is shown again
+        return notices if isinstance(notices, dict) else {}
+
+    return _editing(home() / NOTICES, read)
+
+
+@contextlib.contextmanager
+def _editing(path: Path, read: Any) -> Iterator[dict[str, Any]]:
+    """``read()``'s JSON object, read and written back under a file lock; written only if the block
+    succeeds, and atomically, so a crash or a concurrent reader never sees half of it."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{NAMES}.partial-{os.getpid()}")
-    _write_json(partial, names)
-    partial.replace(path)  # atomic, so a crash never loses the aliases
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    try:
+        lock.acquire(timeout=INDEX_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise InfluenceError(f"another influence process has held {lock.lock_file} for "
+                             f"{INDEX_LOCK_TIMEOUT_S} s; try again when it is done") from None
+    try:
+        data = read()
+        yield data
+        _replace_json(path, data)
+    finally:
+        lock.release()
+
+
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def loadable_path(directory: Path) -> Path:
@@ -107,7 +197,7 @@ def resolve_default_model() -> Path:
     chosen = read_names().get("default")
     if chosen is None:
         return resolve_bundled_model()
-    directory = models_dir() / chosen
+    directory = entry_directory(chosen)
     if not directory.is_dir():
         raise ModelNotFoundError(f"the default model {chosen!r} is no longer in the store; "
                                  "choose another with `influence models default NAME`")
@@ -130,8 +220,12 @@ def resolve_bundled_model() -> Path:
 
 
 def convert_into_store(source: ModelSource, name: str) -> Path:
-    """Write ``source`` as a Hugging Face directory ``models/NAME``, saying so on stderr."""
-    target = models_dir() / name
+    """Write ``source`` as a Hugging Face directory ``models/NAME``, saying so on stderr; an older
+    conversion there is replaced, a directory the store did not make is refused."""
+    target = entry_directory(name)
+    if (target.exists() or target.is_symlink()) and not made_by_store(target, models_dir()):
+        raise InfluenceError(f"{target} is in the way of converting {source.path.name} into the store, and Influence "
+                             "did not make it; move it away (or load it with -p) and run again")
     print(f"influence: converting {source.path.name} to safetensors in {target} "
           "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
     write_hf_directory(source, target, progress=True)

@@ -2,12 +2,21 @@
 
 Loaders build a `Tokenizer` (from tokenizer.json, or from GGUF metadata); the generation loop only
 uses `encode`, `IncrementalDecoder` and `apply_chat_template`.
+
+A chat template is code that comes with a model file, so it renders in jinja2's immutable sandbox
+(as in transformers) and within limits: at most `MAX_TEMPLATE_CHARS` characters in the prompt and
+in any string or list built on the way, `MAX_TEMPLATE_STEPS` loop iterations, calls and operators,
+and `MAX_TEMPLATE_SECONDS`. A template that exceeds one fails with one line saying which.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import json
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -49,15 +58,19 @@ class Tokenizer:
         if not self.chat_template:
             raise InfluenceError("this model has no chat template; pass --raw to send the prompt as is")
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        token = _budget.set(_Budget())
         try:
-            return _compile_template(self.chat_template).render(
+            pieces = _compile_template(self.chat_template).generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.token_text(self.bos_token_id),
                 eos_token=self.token_text(eos),
             )
+            return "".join(_limited_output(pieces))
         except Exception as error:  # jinja2 raises many types; all mean the template failed
             raise InfluenceError(f"the model's chat template failed: {error}") from None
+        finally:
+            _budget.reset(token)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         # The template writes the special tokens itself, as transformers' apply_chat_template assumes.
@@ -146,12 +159,195 @@ def _token_content(token: Any) -> str | None:
     return token
 
 
+MAX_TEMPLATE_CHARS = 8_000_000  # some 2M tokens of prompt: more than any context holds
+MAX_TEMPLATE_STEPS = 200_000  # a conversation of some 10k messages still fits
+MAX_TEMPLATE_SECONDS = 0.5  # real templates render in well under a millisecond
+_INT_BITS = 1_000_000  # integers built by templates (``**``, ``*``)
+
+
+class TemplateLimitError(Exception):
+    """A chat template went past a rendering limit."""
+
+
+class _Budget:
+    """What one rendering has used so far."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.perf_counter() + MAX_TEMPLATE_SECONDS
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % 64:  # checked every 64 steps, which keeps real templates as fast as without limits
+            return
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise TemplateLimitError(f"it took more than {MAX_TEMPLATE_STEPS} steps (loop iterations and calls)")
+        if time.perf_counter() > self.deadline:
+            raise TemplateLimitError(f"it ran for more than {MAX_TEMPLATE_SECONDS} s")
+
+
+_budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("chat_template_budget")
+
+
+def _limited_output(pieces: Iterable[str]) -> Iterator[str]:
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        if total > MAX_TEMPLATE_CHARS:
+            raise TemplateLimitError(f"its output grew past the limit of {MAX_TEMPLATE_CHARS} characters")
+        yield piece
+
+
+def _sized(value: Any) -> Any:
+    """``value``, refused if it is a string, list or integer past the limits."""
+    if isinstance(value, (str, bytes, list, tuple, dict, set)) and len(value) > MAX_TEMPLATE_CHARS:
+        raise TemplateLimitError(f"it built a {type(value).__name__} of length {len(value)}, past the limit of "
+                                 f"{MAX_TEMPLATE_CHARS}")
+    if isinstance(value, int) and value.bit_length() > _INT_BITS:
+        raise TemplateLimitError(f"it built an integer of more than {_INT_BITS} bits")
+    return value
+
+
+def _refuse_past(size: int, what: str) -> None:
+    if size > MAX_TEMPLATE_CHARS:
+        raise TemplateLimitError(f"{what} would build a result of length {size}, past the limit of "
+                                 f"{MAX_TEMPLATE_CHARS}")
+
+
+def _largest_number(text: Any) -> int:
+    return max((int(digits) for digits in re.findall(r"\d+", text)), default=0) if isinstance(text, str) else 0
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse, before it runs, an operator whose result would be past the limits."""
+    if operator == "*":
+        sequence, count = (left, right) if isinstance(right, int) else (right, left)
+        if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+            _refuse_past(len(sequence) * count, f"{type(sequence).__name__} * {count}")
+        if isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > _INT_BITS:
+                raise TemplateLimitError(f"it built an integer of more than {_INT_BITS} bits")
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+        if right * left.bit_length() > _INT_BITS:
+            raise TemplateLimitError(f"it built an integer of more than {_INT_BITS} bits")
+    elif operator == "%" and isinstance(left, str):
+        starred = [value for value in (right if isinstance(right, tuple) else (right,)) if isinstance(value, int)]
+        _refuse_past(max(_largest_number(left), max(starred, default=0) if "*" in left else 0),
+                     "a % format with that width")
+
+
+def _check_expansion(name: str, value: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse, before they run, the string methods and filters whose result can grow far beyond
+    their inputs: the estimate is the size of what they would build."""
+    if not isinstance(value, str):
+        return
+    arguments = [*args, *kwargs.values()]
+    widths = [argument for argument in arguments if isinstance(argument, int)]
+    texts = [argument for argument in arguments if isinstance(argument, str)]
+    if name in ("center", "ljust", "rjust", "zfill", "truncate"):
+        _refuse_past(max(widths, default=0), f"{name}()")
+    elif name == "expandtabs":
+        _refuse_past(value.count("\t") * max(widths, default=8) + len(value), "expandtabs()")
+    elif name in ("indent", "wordwrap"):
+        _refuse_past((value.count("\n") + 1) * (max(widths, default=0) + sum(map(len, texts))) + len(value),
+                     f"{name}()")
+    elif name == "replace" and len(texts) >= 2 and len(texts[1]) > len(texts[0]):
+        _refuse_past(len(value) + value.count(texts[0]) * (len(texts[1]) - len(texts[0])), "replace()")
+    elif name in ("format", "format_map"):
+        nested_width = re.search(r":[^{}]*\{", value)  # '{:>{w}}': the width is an argument
+        _refuse_past(max(_largest_number(value), max(widths, default=0) if nested_width else 0),
+                     "a format with that width")
+    elif name == "translate":
+        table = args[0] if args and isinstance(args[0], dict) else {}
+        _refuse_past(len(value) * max((len(v) for v in table.values() if isinstance(v, str)), default=1),
+                     "translate()")
+
+
+def _check_join(separator: Any, items: Any) -> list:
+    """The items of a join, as a list, refused if the joined string would be past the limit."""
+    items = list(items)
+    if isinstance(separator, str):
+        _refuse_past(len(separator) * len(items) + sum(len(item) for item in items if isinstance(item, str)),
+                     "join()")
+    return items
+
+
+def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
+    """A loop's items, each one a step of the budget."""
+    budget = _budget.get()
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _limited_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A jinja2 filter that counts as a step, is checked before it runs, and whose result is sized."""
+    passes_context = getattr(function, "jinja_pass_arg", None) is not None
+
+    @functools.wraps(function)  # keeps jinja_pass_arg, so jinja2 passes the same first argument
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        _budget.get().step()
+        value, rest = (args[1], args[2:]) if passes_context else (args[0], args[1:])
+        if name == "join":
+            separator = rest[0] if rest else kwargs.get("d", "")
+            items = _check_join(separator, value)
+            args = (args[0], items, *rest) if passes_context else (items, *rest)
+        _check_expansion(name, value, rest, kwargs)
+        return _sized(function(*args, **kwargs))
+
+    return limited
+
+
 @lru_cache(maxsize=8)
 def _compile_template(source: str) -> Any:
     # The same sandbox and helpers transformers gives templates, so templates written for it render alike.
     import jinja2
+    from jinja2 import nodes
     from jinja2.ext import loopcontrols
+    from jinja2.runtime import LoopContext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.visitor import NodeTransformer
+
+    counted, sized = "(counted)", "(sized)"  # filter names no template can write
+
+    class Limits(NodeTransformer):
+        """Route every loop's items and every ``~`` concatenation through the budget."""
+
+        def visit_For(self, node: nodes.For) -> nodes.Node:
+            self.generic_visit(node)
+            node.iter = nodes.Filter(node.iter, counted, [], [], None, None, lineno=node.lineno)
+            return node
+
+        def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+            self.generic_visit(node)
+            return nodes.Filter(node, sized, [], [], None, None, lineno=node.lineno)
+
+    class LimitedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+            return Limits().visit(super()._parse(source, name, filename))
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _budget.get().step()
+            if operator != "+":  # a sum is at most twice its sized operands, so it is sized after
+                _check_binop(operator, left, right)
+            result = self.binop_table[operator](left, right)
+            if type(result) is str and len(result) <= MAX_TEMPLATE_CHARS:  # the common case, quickly
+                return result
+            return _sized(result)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja2's)
+            _budget.get().step()
+            # The sandbox hands out str.format wrapped (to sandbox its fields): look through the wrapper.
+            receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if isinstance(receiver, str):
+                if __obj.__name__ == "join" and args:
+                    args = (_check_join(receiver, args[0]), *args[1:])
+                _check_expansion(__obj.__name__, receiver, args, kwargs)
+            if isinstance(__obj, LoopContext) and args:  # a recursive loop's next level
+                args = (_counted(args[0]), *args[1:])
+            return _sized(super().call(__context, __obj, *args, **kwargs))
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -161,9 +357,11 @@ def _compile_template(source: str) -> Any:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: _limited_filter(name, function) for name, function in env.filters.items()}
+    env.filters[counted] = _counted
+    env.filters[sized] = _sized
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)

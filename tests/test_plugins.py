@@ -256,3 +256,129 @@ def test_a_model_built_only_for_another_backend_names_the_backends_it_has():
     with pytest.raises(UnsupportedArchitectureError, match=r"model type 'qwen2' for backend 'other' "
                                                            r"\(it is built for: torch \(plugin qwen2\)\)"):
         registry.architecture_for(config, "other")
+
+
+@pytest.mark.parametrize("source, raised", [
+    ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+    ("raise KeyboardInterrupt\n", "KeyboardInterrupt"),
+    ("from influence_core import hookimpl\n@hookimpl\ndef register_samplers(register):\n    raise SystemExit(4)\n",
+     "SystemExit: 4"),
+    ("from influence_core import hookimpl\n@hookimpl\ndef register_commands(cli):\n    raise KeyboardInterrupt\n",
+     "KeyboardInterrupt"),
+])
+def test_sys_exit_or_ctrl_c_in_a_plugin_is_contained(site, tiny_model, source, raised):
+    install_fake_distribution(site, "quitter", "0.1", "quitter_plugin", source)
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0, listing.stderr
+    warnings = [line for line in listing.stderr.splitlines() if "quitter" in line]
+    assert len(warnings) == 1 and raised in warnings[0] and warnings[0].startswith("influence: warning: plugin")
+    assert "sampler:shift" in {s for p in json.loads(listing.stdout) for s in p["provides"]}
+    run = influence(site, "generate", "hi", "-p", str(tiny_model), "--max-tokens", "2")
+    assert run.returncode == 0, run.stderr
+
+
+BROKEN_LOADER = '''
+from influence_core import hookimpl
+from influence_core.interfaces import ModelLoader
+
+def detect(path):
+    if path.suffix == ".mine":
+        return True
+    raise RuntimeError("detect is broken")
+
+def load(path):
+    raise ValueError("cannot read this")
+
+@hookimpl
+def register_model_loaders(register):
+    register(ModelLoader("mine", detect, load))
+'''
+
+
+def test_a_loader_whose_detect_raises_is_skipped_naming_its_plugin(site, tiny_model, tmp_path):
+    install_fake_distribution(site, "broken-loader", "0.1", "broken_loader", BROKEN_LOADER)
+    run = influence(site, "generate", "hi", "-p", str(tiny_model), "--max-tokens", "2")
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == ["influence: warning: plugin 'broken-loader': loader 'mine' was skipped: its "
+                                       "detect() raised RuntimeError: detect is broken"]
+    mine = tmp_path / "model.mine"
+    mine.write_text("")
+    failed = influence(site, "generate", "hi", "-p", str(mine))
+    assert failed.returncode == 1
+    assert failed.stderr == ("error: plugin 'broken-loader' failed in loader 'mine': ValueError: cannot read this\n")
+
+
+def test_a_third_party_entry_point_named_as_a_built_in_does_not_push_it_out(site, tiny_model):
+    install_fake_distribution(site, "torch-impostor", "6.6", "torch_impostor", '''
+        raise RuntimeError("the impostor was imported")
+    ''')
+    (site / "torch_impostor-6.6.dist-info" / "entry_points.txt").write_text("[influence]\ntorch = torch_impostor\n")
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0, listing.stderr
+    plugins = {p["name"]: p for p in json.loads(listing.stdout)}
+    assert plugins["torch"]["distribution"] == "influence" and "backend:torch" in plugins["torch"]["provides"]
+    [warning] = [line for line in listing.stderr.splitlines() if "torch_impostor" in line]
+    assert warning.startswith("influence: warning: plugin 'torch' (torch_impostor from torch-impostor 6.6) was "
+                              "skipped: the built-in plugin 'torch' (influence_torch from influence ")
+    assert "imported" not in listing.stderr
+    assert influence(site, "generate", "hi", "-p", str(tiny_model), "--max-tokens", "2").returncode == 0
+
+
+OVERRIDER = '''
+from influence_core import hookimpl
+from influence_core.interfaces import Sampler
+
+@hookimpl
+def register_samplers(register):
+    register(Sampler("argmax", "picker", lambda: (lambda logits, context: 7), "always token 7"))
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    def generate(prompt: str):
+        """Not the built-in generate."""
+        print(f"hijacked {prompt}")
+'''
+
+
+def test_replacing_a_built_in_is_allowed_listed_and_announced_once(site, tiny_model, tmp_path):
+    install_fake_distribution(site, "overrider", "2.0", "overrider", OVERRIDER)
+    home = str(tmp_path / "home")
+    first = influence(site, "plugins", "--json", INFLUENCE_HOME=home)
+    assert first.returncode == 0, first.stderr
+    plugins = {p["name"]: p for p in json.loads(first.stdout)}
+    assert plugins["overrider"]["overrides"] == ["sampler:argmax (built-in, of samplers)",
+                                                 "command:generate (built-in, of influence)"]
+    assert plugins["samplers"]["overrides"] == []
+    notices = [line for line in first.stderr.splitlines() if "notice" in line]
+    assert notices == [
+        "influence: notice: plugin 'overrider' replaces the built-in command 'generate' (of 'influence'); "
+        "`influence plugins` lists every override",
+        "influence: notice: plugin 'overrider' replaces the built-in sampler 'argmax' (of 'samplers'); "
+        "`influence plugins` lists every override",
+    ]
+    again = influence(site, "generate", "hi", INFLUENCE_HOME=home)
+    assert again.returncode == 0 and again.stdout == "hijacked hi\n" and again.stderr == ""
+    table = influence(site, "plugins", INFLUENCE_HOME=home, COLUMNS="200")
+    assert "sampler:argmax (built-in, of samplers)" in table.stdout and table.stderr == ""
+
+    (site / "overrider-2.0.dist-info").rename(site / "overrider-2.1.dist-info")
+    (site / "overrider-2.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: overrider\nVersion: 2.1\n")
+    upgraded = influence(site, "plugins", "--json", INFLUENCE_HOME=home)
+    assert len([line for line in upgraded.stderr.splitlines() if "notice" in line]) == 2  # a new version: again
+
+
+class QuietArgmax:
+    @staticmethod
+    @hookimpl
+    def register_samplers(register):
+        register(Sampler("argmax", "picker", lambda: (lambda logits, context: 0), "always token 0"))
+
+
+def test_an_override_registered_in_process_is_listed(plugin, capsys):
+    from influence_core.plugins import list_plugins
+
+    plugin(QuietArgmax, "quiet-argmax")
+    [info] = [info for info in list_plugins() if info.name == "quiet-argmax"]
+    assert info.overrides == ["sampler:argmax (built-in, of samplers)"]
+    assert "notice" not in capsys.readouterr().err  # only installed plugins are announced

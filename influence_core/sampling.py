@@ -50,7 +50,9 @@ class SamplingParams:
             top_k=_first(self.top_k, defaults.top_k if sampling_default else None, 0),
             top_p=_first(self.top_p, defaults.top_p if sampling_default else None, 1.0),
             min_p=_first(self.min_p, defaults.min_p if sampling_default else None, 0.0),
-            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty, 1.0),
+            # Asking for temperature 0 asks for exact greedy decoding: no default penalty on top.
+            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty if self.temperature != 0
+                                      else None, 1.0),
         )
 
     def validate(self) -> None:

@@ -77,7 +77,11 @@ def test_the_bundled_model_ships_its_recommended_settings():
     model = influence.load(device="cpu")
     assert model.config.generation == DEFAULT_MODEL.generation
     settings = model.generate("What is the capital of France?", max_tokens=24, seed=1).settings
-    assert (settings["temperature"], settings["top_p"]) == (0.2, 0.9)
+    recommended = DEFAULT_MODEL.generation
+    assert (settings["temperature"], settings["top_p"], settings["repetition_penalty"]) == (
+        recommended.temperature, recommended.top_p, recommended.repetition_penalty)
+    greedy = model.generate("What is the capital of France?", max_tokens=8, temperature=0).settings
+    assert greedy["repetition_penalty"] == 1.0 and greedy["sampler"] == "argmax"
 
 
 # --- the config file --------------------------------------------------------------------------

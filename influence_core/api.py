@@ -12,16 +12,18 @@ from __future__ import annotations
 import numbers
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .catalog import find_model
+from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import call_plugin, get_registry
 from .sampling import SamplingParams, build_chain
-from .store import DEFAULT_MODEL, convert_into_store, installed_default_gguf, resolve_default_model
+from .store import convert_into_store, installed_default_gguf, models_dir, resolve_default_model
 
 Prompt = str | list[dict[str, str]] | list[int]
 
@@ -55,10 +57,21 @@ def _open_path(path: Path) -> ModelSource:
 def _open_stored(path: Path) -> ModelSource:
     """Open a model the store resolved; the bundled model's GGUF is converted into the store once, so
     later runs load it fast."""
+    bundled = path in (installed_default_gguf(), models_dir() / DEFAULT_MODEL.name)
     source = _open_path(path)
+    if bundled:
+        source = _with_recommended_sampling(source)
     if source.hf_directory is None and path == installed_default_gguf():
-        source = _open_path(convert_into_store(source, DEFAULT_MODEL.name))
+        source = _with_recommended_sampling(_open_path(convert_into_store(source, DEFAULT_MODEL.name)))
     return source
+
+
+def _with_recommended_sampling(source: ModelSource) -> ModelSource:
+    """The bundled model's GGUF carries no generation config: give it its authors' settings (which
+    a conversion then writes into the store's generation_config.json)."""
+    if source.config.generation != type(source.config.generation)():
+        return source
+    return replace(source, config=replace(source.config, generation=DEFAULT_MODEL.generation))
 
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
@@ -138,15 +151,16 @@ class Model:
             messages.insert(0, {"role": "system", "content": system})
         return tokenizer.encode_chat(messages)
 
-    def new_generation(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+    def new_generation(self, prompt: Prompt, *, max_tokens: int | None = None, stop: Sequence[str] = (),
                        raw: bool = False, system: str | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                        repetition_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,
                        sampler_options: dict[str, Any] | None = None) -> Generation:
         """Tokenize and set up one generation (sampler chain, limits) without running it.
 
-        Sampling options left as None take the model's generation_config.json defaults, and
-        without those the output is greedy."""
+        Options left as None take the shared defaults (`influence_core.defaults`): sampling from
+        the model's generation_config.json, else the built-in settings; ``max_tokens``
+        `DEFAULT_MAX_TOKENS`. ``temperature=0`` is greedy."""
         requested_at = time.perf_counter()
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -157,7 +171,8 @@ class Model:
         chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device)
         prompt_ids = self.encode_prompt(prompt, raw=raw, system=system)
         eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
-        return Generation(self.tokenizer, prompt_ids, chain, max_tokens, stop, sorted(eos),
+        limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        return Generation(self.tokenizer, prompt_ids, chain, limit, stop, sorted(eos),
                           self.runner.context_length, self.runner.device, requested_at=requested_at)
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:

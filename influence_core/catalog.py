@@ -23,9 +23,9 @@ from typing import Any
 
 from . import store
 from .config import ModelConfig
+from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .hub import REPO_ID, download, store_directory, unfinished_directory
-from .store import DEFAULT_MODEL
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # GGUF files name their quantization last: SmolLM2-135M-Instruct.Q4_1.gguf, llama-3.2-1b-q4_k_m.gguf.

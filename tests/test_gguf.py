@@ -495,3 +495,16 @@ def test_detect_is_by_magic_or_name(tmp_path, tiny_gguf):
     (tmp_path / "notes.txt").write_text("hello")
     assert is_gguf_file(tiny_gguf) and is_gguf_file(renamed)
     assert not is_gguf_file(tmp_path / "notes.txt") and not is_gguf_file(tmp_path)
+
+
+def test_conversion_shows_progress_and_disk_use(tiny_gguf, tmp_path):
+    import os
+    import subprocess
+
+    from cli_helpers import CLI
+
+    env = {**os.environ, "INFLUENCE_HOME": str(tmp_path / "home"), "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1"}
+    done = subprocess.run([*CLI, "convert", str(tiny_gguf), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "converting weights" in done.stderr and "%" in done.stderr and "the converted model takes" in done.stderr

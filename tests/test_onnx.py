@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import assert_one_error_line, invoke
+from cli_helpers import CLI, assert_one_error_line, invoke
 
 import influence_core as influence
 from influence_core.api import open_source
@@ -335,3 +336,16 @@ def test_cuda_float16_is_the_default_and_stays_close(home, tiny_model):
     assert (model.logits(PROMPT_IDS) - expected).abs().max() < 0.01
     greedy = model.generate(PROMPT_IDS, max_tokens=16, temperature=0)
     assert len(greedy.token_ids) == 16
+
+
+def test_export_and_graph_preparation_show_progress_and_disk_use(tiny_model, tmp_path):
+    """Run as a user at a terminal would (rich draws live progress only for a terminal)."""
+    env = {**os.environ, "INFLUENCE_HOME": str(tmp_path / "home"), "TTY_INTERACTIVE": "1", "TTY_COMPATIBLE": "1"}
+    done = subprocess.run([*CLI, "generate", "hi", "-p", str(tiny_model), "--backend", "onnx", "--max-tokens", "1"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    for expected in ("exporting", "to ONNX with optimum", "of about", "took", "the ONNX export takes",
+                     "preparing the float32 ONNX graph", "the float32 graph takes"):
+        assert expected in done.stderr, (expected, done.stderr)
+    timings = json.loads((tmp_path / "home" / "timings.json").read_text())
+    assert timings["onnx-export"] > 0 and timings["onnx-float32"] > 0

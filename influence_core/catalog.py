@@ -44,9 +44,10 @@ class StoredModel:
     quantization: str | None = None
     aliases: list[str] = field(default_factory=list)
     default: bool = False
+    derived: list[store.Derived] = field(default_factory=list)  # exports, compiled steps: made again if removed
 
     def as_dict(self) -> dict[str, Any]:
-        return {**vars(self), "path": str(self.path)}
+        return {**vars(self), "path": str(self.path), "derived": [d.as_dict() for d in self.derived]}
 
 
 def find_model(name: str) -> Path:
@@ -79,7 +80,31 @@ def list_models() -> list[StoredModel]:
             models[entry].aliases.append(alias)
     if default in models:
         models[default].default = True
+    artifacts = store.derived_artifacts()
+    for model in models.values():
+        model.derived = [artifact for artifact in artifacts if _made_from(artifact, model.path)]
     return sorted(models.values(), key=lambda model: model.name.lower())
+
+
+def prune(name: str | None = None, everything: bool = False) -> list[store.Derived]:
+    """Delete derived artefacts: ``name``'s, every one (``everything``), or else those whose model
+    is gone or has changed since (they are never used again). Returns what was deleted."""
+    artifacts = store.derived_artifacts()
+    if name is not None:
+        directory = store.entry_directory(_existing_entry(name, store.read_names()))
+        chosen = [artifact for artifact in artifacts if _made_from(artifact, directory)]
+    else:
+        chosen = artifacts if everything else [artifact for artifact in artifacts if not artifact.current]
+    store.remove_derived(chosen)
+    return chosen
+
+
+def _made_from(artifact: store.Derived, model_path: Path) -> bool:
+    """Whether ``artifact`` was made from the model at ``model_path`` (its directory or its file)."""
+    if not artifact.source:
+        return False
+    source, model = Path(artifact.source).resolve(), model_path.resolve()
+    return model in (source, source.parent) or source.parent == model
 
 
 def remove_model(name: str) -> Path:

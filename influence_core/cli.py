@@ -588,15 +588,17 @@ def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
 
     table = Table()
     table.add_column("name", no_wrap=True)
-    for column in ("architecture", "parameters", "format", "size", "source"):
+    for column in ("architecture", "parameters", "format", "size", "derived (influence models prune)", "source"):
         table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
     for model in models:
         name = ("* " if model.default else "") + model.name
         if model.aliases:
             name += f" ({', '.join(model.aliases)})"
+        derived = "\n".join(f"{d.kind} {format_size(d.size_bytes)}{'' if d.current else ' (stale)'}"
+                             for d in model.derived)
         table.add_row(name, model.architecture or "?", _format_parameters(model.parameters),
                       " ".join(filter(None, (model.format, model.quantization))), format_size(model.size_bytes),
-                      model.source)
+                      derived or "-", model.source)
     Console().print(table)
 
 
@@ -615,6 +617,24 @@ def models_rm(name: ModelNameArgument) -> None:
     from .catalog import remove_model
 
     print(f"removed {remove_model(name)}")
+
+
+@models_app.command("prune")
+def models_prune(
+    name: Annotated[Optional[str], typer.Argument(help="Only this model's artefacts.")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every derived artefact, current or not.")] = False,
+) -> None:
+    """Remove derived artefacts (ONNX exports, compiled steps): by default those whose model is gone
+    or has changed; they are made again when next needed. Models themselves are kept."""
+    from .catalog import prune
+    from .hub import format_size
+
+    if name is not None and everything:
+        raise InfluenceError("give a model NAME or --all, not both")
+    removed = prune(name, everything)
+    for artifact in removed:
+        print(f"removed {artifact.kind} {artifact.path} ({format_size(artifact.size_bytes)})")
+    print(f"freed {format_size(sum(a.size_bytes for a in removed))} ({len(removed)} artefacts)")
 
 
 @models_app.command("alias")

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,47 @@ def remove_entries(*directories: Path) -> None:
             shutil.rmtree(directory)
         except OSError as error:
             raise InfluenceError(f"could not remove {directory}: {error.strerror or error}") from None
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Something made from a model and kept to save time later (an ONNX export, a compiled step):
+    a directory ``exports/KIND/KEY/`` whose manifest names its ``source``, and that can always be
+    made again."""
+
+    kind: str
+    path: Path
+    source: str
+    size_bytes: int
+    current: bool  # its source still exists, unchanged since it was made
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**vars(self), "path": str(self.path)}
+
+
+def derived_artifacts() -> list[Derived]:
+    """Every finished artefact under exports/ that the store made."""
+    found = []
+    for kind_dir in sorted(p for p in (home() / "exports").glob("[!.]*") if p.is_dir()):
+        for directory in sorted(p for p in kind_dir.glob("[!.]*") if made_by_store(p, kind_dir)):
+            manifest = read_manifest(directory) or {}
+            source = str(manifest.get("source", ""))
+            recorded = manifest.get("source_fingerprint")
+            current = bool(source) and Path(source).exists() and (recorded is None or recorded == fingerprint(Path(source)))
+            size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+            found.append(Derived(kind_dir.name, directory, source, size, current))
+    return found
+
+
+def remove_derived(artifacts: list[Derived]) -> None:
+    """Delete artefacts `derived_artifacts` listed (each re-checked as the store's own first)."""
+    for artifact in artifacts:
+        if not made_by_store(artifact.path, home() / "exports" / artifact.kind):
+            raise InfluenceError(f"{artifact.path} was not made by Influence, so it is left alone")
+        try:
+            shutil.rmtree(artifact.path)
+        except OSError as error:
+            raise InfluenceError(f"could not remove {artifact.path}: {error.strerror or error}") from None
 
 
 def read_names() -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from cli_helpers import CLI, assert_one_error_line, invoke
@@ -149,7 +150,7 @@ def test_config_set_show_and_unset_keep_the_users_comments(capsys, config_file):
 
 def test_shell_completion_script_and_model_names(tmp_path, tiny_model):
     script = subprocess.run([*CLI, "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
-    assert script.returncode == 0 and "_influence_completion" in script.stdout
+    assert script.returncode == 0 and "_influence_completion" in script.stdout, script.stderr
     home = tmp_path / "home"
     shutil.copytree(tiny_model, home / "models" / "my-tiny")
     env = {"INFLUENCE_HOME": str(home), "_INFLUENCE_COMPLETE": "complete_bash",
@@ -170,3 +171,42 @@ def test_chat_multiline_save_and_load(tiny_model, tmp_path):
     again = subprocess.run([*CLI, "chat", "-p", str(tiny_model), "--max-tokens", "3", "--temperature", "0"],
                            input=f"/load {saved}\n/save {saved}\n", capture_output=True, text=True, timeout=120)
     assert "loaded 2 messages" in again.stderr and f"{saved} exists" in again.stderr
+
+
+# --- derived artefacts ------------------------------------------------------------------------
+
+def test_models_list_shows_derived_artefacts_and_prune_removes_only_the_stores(capsys, tmp_path, tiny_model,
+                                                                               monkeypatch):
+    from influence_core import store
+    from influence_core.api import open_source
+
+    monkeypatch.setenv("INFLUENCE_HOME", str(tmp_path / "home"))
+    model_dir = store.models_dir() / "tiny"
+    store.write_hf_directory(open_source(tiny_model), model_dir)
+
+    def artefact(kind: str, key: str, source: Path, fingerprint: str) -> Path:
+        directory = store.exports_dir(kind) / key
+        directory.mkdir(parents=True)
+        (directory / "model.bin").write_bytes(b"x" * 1000)
+        (directory / store.MANIFEST).write_text(json.dumps({"source": str(source), "source_fingerprint": fingerprint}))
+        return directory
+
+    current = artefact("onnx", "a", model_dir, store.fingerprint(model_dir))
+    stale = artefact("onnx", "b", model_dir, "an older fingerprint")
+    orphan = artefact("compiled", "c", tmp_path / "gone", "x")
+    foreign = store.exports_dir("onnx") / "not-ours"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+
+    code, out, _ = invoke(capsys, "models", "list", "--json")
+    listed = {model["name"]: model for model in json.loads(out)}
+    assert code == 0 and {(d["kind"], d["current"]) for d in listed["tiny"]["derived"]} == {("onnx", True),
+                                                                                           ("onnx", False)}
+    code, out, _ = invoke(capsys, "models", "prune")
+    assert code == 0 and "(2 artefacts)" in out
+    assert current.exists() and not stale.exists() and not orphan.exists() and foreign.exists()
+    code, out, _ = invoke(capsys, "models", "prune", "tiny")
+    assert code == 0 and not current.exists() and (foreign / "keep.txt").read_text() == "mine"
+    assert (model_dir / "config.json").exists()
+    code, _, err = invoke(capsys, "models", "prune", "nope")
+    assert_one_error_line(code, err, "nope")

@@ -149,7 +149,10 @@ def test_config_set_show_and_unset_keep_the_users_comments(capsys, config_file):
 # --- completion and chat ----------------------------------------------------------------------
 
 def test_shell_completion_script_and_model_names(tmp_path, tiny_model):
-    script = subprocess.run([*CLI, "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # Without a shell above it to detect (CI's runner, say), typer takes the shell's name instead.
+    undetected = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    script = subprocess.run([*CLI, "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
+                            env=undetected)
     assert script.returncode == 0 and "_influence_completion" in script.stdout, script.stderr
     home = tmp_path / "home"
     shutil.copytree(tiny_model, home / "models" / "my-tiny")

@@ -19,6 +19,7 @@ from .errors import (
 )
 from .generation import GenerationResult, GenerationStats
 from .plugins import hookimpl, register_plugin, unregister_plugin
+from .structured import Constraint
 
 try:
     __version__ = version("influence")
@@ -26,7 +27,7 @@ except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "BackendError", "ContextLengthError", "GenerationResult", "GenerationStats", "InfluenceError", "Model",
+    "BackendError", "Constraint", "ContextLengthError", "GenerationResult", "GenerationStats", "InfluenceError", "Model",
     "ModelFormatError", "ModelNotFoundError", "PluginVersionError", "SamplingError", "UnsupportedArchitectureError",
     "hookimpl", "load", "register_plugin", "unregister_plugin", "__version__",
 ]

@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler chain the generation loop applies to each token's logits.
 
-Order (the same as transformers): repetition penalty, temperature, top-k, top-p, min-p, then one
-picker: argmax when the temperature is 0, otherwise a seeded draw from the softmax. A sampler named
+Order (the same as transformers, with the grammar mask and OpenAI's penalties first): the grammar
+mask of a `Constraint`, presence and frequency penalties, repetition penalty, temperature, top-k,
+top-p, min-p, then one picker: argmax when the temperature is 0, otherwise a seeded draw from the softmax. A sampler named
 with ``--sampler`` replaces the picker if it is one, or runs after the built-in processors if not.
 """
 
@@ -16,6 +17,10 @@ from .config import GenerationDefaults
 from .errors import SamplingError
 from .interfaces import SamplingContext
 from .plugins import Registry
+from .structured import Constraint
+from .tokenizer import Tokenizer
+
+PENALTY_RANGE = 2.0  # OpenAI's presence_penalty and frequency_penalty lie in [-2, 2]
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,10 @@ class SamplingParams:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
+    constraint: Constraint | None = None
     sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
 
@@ -55,6 +63,10 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+                raise SamplingError(f"{name} must be in [-2, 2], got {value}")
 
 
 def _first(*values: Any) -> Any:
@@ -73,15 +85,21 @@ class SamplerChain:
         self.seed = seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: Any, token_ids: Any) -> int:
-        context = SamplingContext(token_ids=token_ids, generator=self.generator)
+    def __call__(self, logits: Any, token_ids: Any, prompt_length: int = 0) -> int:
+        return self.choose(logits, token_ids, prompt_length)[0]
+
+    def choose(self, logits: Any, token_ids: Any, prompt_length: int = 0) -> tuple[int, Any]:
+        """The picked token and the processed logits it was picked from (for logprobs)."""
+        context = SamplingContext(token_ids=token_ids, generator=self.generator, prompt_length=prompt_length)
         for process in self.processors:
             logits = process(logits, context)
-        return self.picker(logits, context)
+        return self.picker(logits, context), logits
 
 
-def build_chain(params: SamplingParams, registry: Registry, device: str) -> SamplerChain:
-    """``params`` must already have defaults filled in (`SamplingParams.with_defaults`)."""
+def build_chain(params: SamplingParams, registry: Registry, device: str, tokenizer: Tokenizer | None = None,
+                eos_token_ids: tuple[int, ...] = (), vocab_size: int = 0) -> SamplerChain:
+    """``params`` must already have defaults filled in (`SamplingParams.with_defaults`); a
+    constraint needs the tokenizer, the EOS ids and the logits' width."""
     params.validate()
 
     def create(name: str, **options: Any) -> Callable[..., Any]:
@@ -92,6 +110,15 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
             raise SamplingError(f"sampler {name!r} rejected its options {sorted(options)}: {error}") from None
 
     processors = []
+    if params.constraint is not None:
+        if tokenizer is None:
+            raise SamplingError("a constraint needs the model's tokenizer")
+        processors.append(create("grammar", constraint=params.constraint, tokenizer=tokenizer,
+                                 eos_token_ids=eos_token_ids, vocab_size=vocab_size))
+    if params.presence_penalty:
+        processors.append(create("presence_penalty", penalty=params.presence_penalty))
+    if params.frequency_penalty:
+        processors.append(create("frequency_penalty", penalty=params.frequency_penalty))
     if params.repetition_penalty != 1.0:
         processors.append(create("repetition_penalty", penalty=params.repetition_penalty))
     greedy = params.temperature == 0

@@ -124,6 +124,14 @@ def generate(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after the text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and timings.")] = False,
+    output_format: Annotated[Optional[str], typer.Option(
+        "--format", metavar="json|FILE.json", help="Constrain the output: 'json' for any JSON object, or a "
+                                                  "JSON schema file.")] = None,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Constrain the output to this JSON schema.")] = None,
+    grammar: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Constrain the output to this grammar (GBNF, as llama.cpp's, or Lark).")] = None,
+    regex: Annotated[Optional[str], typer.Option(help="Constrain the output to match this regular expression.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(help="With --prompts-file: most prompts decoding together.")] = 8,
@@ -134,7 +142,8 @@ def generate(
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                   sampler=sampler, sampler_options=_sampler_options(option or []))
+                   sampler=sampler, sampler_options=_sampler_options(option or []),
+                   response_format=_constraint(output_format, json_schema, grammar, regex))
     if tensor_parallel > 1 and _start_ranks(ctx, prompt, _model_reference(model_path, model_name), tensor_parallel):
         return
     if prompts_file is not None:
@@ -169,6 +178,31 @@ def generate(
     sys.stdout.write("\n")
     if stats:
         _print_stats(result, model)
+
+
+def _constraint(output_format: Optional[str], json_schema: Optional[Path], grammar: Optional[Path],
+                regex: Optional[str]):
+    """The one constraint --format, --json-schema, --grammar or --regex asked for, if any."""
+    from .structured import Constraint, read_json_schema
+
+    given = [flag for flag, value in (("--format", output_format), ("--json-schema", json_schema),
+                                      ("--grammar", grammar), ("--regex", regex)) if value is not None]
+    if len(given) > 1:
+        raise InfluenceError(f"give one of {', '.join(given)}: each constrains the whole output")
+    if output_format is not None:
+        if output_format == "json":
+            return Constraint.json_object()
+        if not output_format.endswith(".json"):
+            raise InfluenceError(f"--format takes 'json' or a JSON schema file (FILE.json), got {output_format!r}")
+        return read_json_schema(Path(output_format))
+    if json_schema is not None:
+        return read_json_schema(json_schema)
+    if grammar is not None:
+        try:
+            return Constraint.grammar(grammar.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise InfluenceError(f"cannot read {grammar}: {error.strerror}") from None
+    return Constraint.regex(regex) if regex is not None else None
 
 
 def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,

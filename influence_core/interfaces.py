@@ -193,18 +193,20 @@ class ToolParser:
 
     ``matches(chat_template)`` says whether a model's template is of this family. ``parse(text)``
     splits a reply into its content (None when there is none) and its `ToolCall`s; text that is no
-    valid call stays content. ``call_grammar(functions, parallel)`` is a `Constraint` whose every
-    match is one call (several when ``parallel``) of one of ``functions`` (OpenAI's ``function``
-    objects: name, description, parameters) with arguments valid against its parameters.
-    ``system_prompt(functions)`` describes the tools and the syntax, for templates that cannot
-    render tools themselves. ``call_start`` is the text that opens a call, so a stream holds back
-    what may start one.
+    valid call stays content. ``call_grammar(functions, parallel, optional)`` is a `Constraint`
+    whose every match is one call (several when ``parallel``) of one of ``functions`` (OpenAI's
+    ``function`` objects: name, description, parameters) with arguments valid against its
+    parameters; when ``optional``, text that opens no call matches too. ``system_prompt(functions)``
+    describes the tools and the syntax, for templates that cannot render tools themselves;
+    ``render_call(call)`` writes a past call in the syntax, for those templates' history.
+    ``call_start`` is the text that opens a call, so a stream holds back what may start one.
     """
 
     name: str
     matches: Callable[[str], bool]
     parse: Callable[[str], tuple[Any, list[Any]]]
-    call_grammar: Callable[[list[dict[str, Any]], bool], Any]
+    call_grammar: Callable[[list[dict[str, Any]], bool, bool], Any]
     system_prompt: Callable[[list[dict[str, Any]]], str]
+    render_call: Callable[[Any], str]
     call_start: str
     description: str = ""

@@ -101,6 +101,12 @@ class GrammarMask:
         return logits.masked_fill(~keep.to(logits.device, non_blocking=True), float("-inf"))
 
 
+def _first_lines(problem: str) -> str:
+    """llguidance's message, without the source excerpt it draws under it."""
+    lines = [line.strip() for line in problem.splitlines() if line.strip() and "|" not in line and line.strip() != "^"]
+    return " ".join(lines)
+
+
 def grammar(constraint: Any = None, tokenizer: Any = None, eos_token_ids: Any = (), vocab_size: Any = 0):
     if not isinstance(constraint, Constraint) or not isinstance(tokenizer, Tokenizer):
         raise SamplingError("the grammar sampler is driven by a constraint (--format, --json-schema, "
@@ -113,7 +119,7 @@ def grammar(constraint: Any = None, tokenizer: Any = None, eos_token_ids: Any = 
     source = grammar_source(constraint)
     problem = llguidance.LLMatcher.validate_grammar(source, lltokenizer)
     if problem:
-        raise SamplingError(f"the {constraint.kind.replace('_', ' ')} cannot be used: {problem.strip().splitlines()[0]}")
+        raise SamplingError(f"the {constraint.kind.replace('_', ' ')} cannot be used: {_first_lines(problem)}")
     matcher = llguidance.LLMatcher(lltokenizer, source, log_level=0)
     if matcher.is_error():
         raise SamplingError(f"the {constraint.kind.replace('_', ' ')} cannot be used: {matcher.get_error()}")
@@ -154,10 +160,12 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def hermes_call_grammar(functions: list[dict[str, Any]], parallel: bool) -> Constraint:
+def hermes_call_grammar(functions: list[dict[str, Any]], parallel: bool, optional: bool) -> Constraint:
     schema = {"anyOf": [_call_schema(f) for f in functions], "x-guidance": JSON_OPTIONS}
+    calls = f"call{'+' if parallel else ''}"
+    # Optional: a reply is either calls or text that does not open one.
     return Constraint.grammar(
-        f"start: call{'+' if parallel else ''}\n"
+        (f"start: {calls} | text\ntext: /[^<](?s:.)*/\n" if optional else f"start: {calls}\n") +
         f'call: "{HERMES_START}\\n" body "\\n{HERMES_END}"\n'
         f"body: %json {json.dumps(schema)}\n")
 
@@ -170,7 +178,13 @@ def hermes_system_prompt(functions: list[dict[str, Any]]) -> str:
             f'{HERMES_START}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{HERMES_END}')
 
 
-HERMES = ToolParser("hermes", hermes_matches, hermes_parse, hermes_call_grammar, hermes_system_prompt, HERMES_START,
+def hermes_render_call(call: ToolCall) -> str:
+    body = json.dumps({"name": call.name, "arguments": call.arguments}, ensure_ascii=False)
+    return f"{HERMES_START}\n{body}\n{HERMES_END}"
+
+
+HERMES = ToolParser("hermes", hermes_matches, hermes_parse, hermes_call_grammar, hermes_system_prompt,
+                    hermes_render_call, HERMES_START,
                     "Hermes/Qwen <tool_call>{json}</tool_call>; also the fallback for templates without tools")
 
 @hookimpl(trylast=True)

@@ -325,7 +325,8 @@ def tool_call(call: Any, index: int | None = None) -> dict[str, Any]:
 
 
 def _token_text(model: Model, token_id: int) -> str:
-    return model.tokenizer.decode([token_id], skip_special_tokens=False)
+    # As the text shows it: special tokens are left out of both, so the tokens join into the text.
+    return model.tokenizer.decode([token_id])
 
 
 def chat_logprobs(model: Model, logprobs: list[TokenLogprob]) -> dict[str, Any]:

@@ -199,12 +199,16 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
             messages, tools = template_messages([m.for_template() for m in body.messages], plan, parser)
         except InfluenceError as error:
             raise OpenAIError(400, str(error), param="tools") from None
-        if plan and plan.constraint and body.response_format and body.response_format.get("type") != "text":
-            raise OpenAIError(400, "response_format cannot be combined with a tool_choice that constrains the "
-                                   "reply", param="response_format")
+        constraint = plan.constraint if plan else None
+        if constraint and body.response_format and body.response_format.get("type") != "text":
+            if plan.calling:
+                raise OpenAIError(400, "response_format cannot be combined with a tool_choice that constrains the "
+                                       "reply (required, a named function, or strict functions)",
+                                  param="response_format")
+            constraint = None  # under "none", response_format's own form opens no call either
         jobs = submit(engine, model, [messages] * body.n, body, raw=False,
                       logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=tools,
-                      constraint=plan.constraint if plan else None)
+                      constraint=constraint)
         return await respond(engine, model, jobs, body, chat=True, model_name=model_name, plan=plan)
 
     return app

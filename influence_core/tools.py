@@ -5,12 +5,13 @@ The model's chat-template family decides the syntax, through the `ToolParser` re
 one that does not gets them described in the system message, in the parser's syntax. Under
 ``tool_choice`` "required" or a named function, the parser's grammar forces a valid call; under
 "auto" the reply is free, unless a function asks for ``strict``, and then it is either text or
-valid calls.
+valid calls; under "none" it may not open with the call syntax.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,9 @@ def plan_tools(tokenizer: Tokenizer, tools: list[dict[str, Any]] | None, tool_ch
     parser = get_registry().tool_parser_for(tokenizer.chat_template or "")
     native = tokenizer.renders_tools
     choice = tool_choice or "auto"
-    if choice == "none":
-        return ToolPlan(parser, functions, native, False, False, parallel, None)
+    if choice == "none":  # a reply, and no call: it may not open with the call syntax
+        no_call = Constraint.regex(f"[^{re.escape(parser.call_start[0])}][\\s\\S]*")
+        return ToolPlan(parser, functions, native, False, False, parallel, no_call)
     if choice == "auto":
         strict = any(function.get("strict") for function in functions)
         constraint = parser.call_grammar(functions, parallel, True) if strict else None

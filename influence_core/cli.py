@@ -441,6 +441,9 @@ def bench(
     compiled: Annotated[bool, typer.Option("--compile", help="Also measure the torch backend with its decode "
                                            "step compiled (compilation itself is not timed).")] = False,
     gguf: Annotated[Optional[Path], typer.Option(help="GGUF file for llama.cpp (default: the default model's).")] = None,
+    output_format: Annotated[Optional[str], typer.Option(
+        "--format", metavar="json", help="Also measure tg with JSON mode's grammar mask on every step, and its "
+                                         "share of a decode step.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
@@ -467,6 +470,11 @@ def bench(
              for dtype in ([only] if only else _split(dtypes))]
     if compiled:
         cases += [benchmarks.Case("torch", dtype, compiled=True) for dtype in _split(dtypes)]
+    if output_format is not None:
+        if output_format != "json":
+            raise InfluenceError(f"bench --format takes json, got {output_format!r}")
+        cases += [benchmarks.Case(case.engine, case.dtype, output_format=output_format)
+                  for case in list(cases) if not case.reference and not case.compiled]
     if reference:
         float_dtypes = [d for d in _split(dtypes) if d in ("float32", "bfloat16", "float16")]
         cases += [benchmarks.Case("transformers", d, reference=True) for d in float_dtypes]
@@ -501,6 +509,8 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
                         f"median of {settings.repetitions}")
     for row in rows:
         name = f"{row['engine']}{' (reference)' if row['reference'] else ''}{' compiled' if row['compiled'] else ''}"
+        if row["output_format"]:
+            name += f" --format {row['output_format']} (mask {row['format_overhead_percent']}% of a step)"
         if row["error"]:
             table.add_row(name, row["dtype"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
             continue

@@ -95,10 +95,14 @@ class GrammarMask:
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
         if self.matcher.is_error():
             raise SamplingError(f"the grammar failed: {self.matcher.get_error()}")
-        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:logits.shape[-1]]
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        keep[:allowed.size] = torch.from_numpy(allowed.astype(bool))
-        return logits.masked_fill(~keep.to(logits.device, non_blocking=True), float("-inf"))
+        width = logits.shape[-1]
+        allowed = np.zeros(width, dtype=bool)
+        unpacked = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[:width]
+        allowed[:unpacked.size] = unpacked
+        if logits.device.type == "cpu":
+            # In numpy: torch's small CPU ops wait on its thread pool, which costs milliseconds on a busy machine.
+            return torch.from_numpy(np.where(allowed, logits.numpy(), np.float32("-inf")))
+        return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device, non_blocking=True), float("-inf"))
 
 
 def _first_lines(problem: str) -> str:

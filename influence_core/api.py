@@ -146,7 +146,7 @@ class Model:
         without those the output is greedy. ``response_format`` constrains the text: "json" (any
         JSON object), a JSON schema dict, a pydantic model class, or a `Constraint` (a regex or a
         grammar too); see docs/structured-output.md. ``logprobs=N`` records each token's logprob and
-        its N most likely alternatives in the result."""
+        its N most likely alternatives in the result. ``tools`` go to the chat template."""
         requested_at = time.perf_counter()
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

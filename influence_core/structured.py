@@ -66,11 +66,13 @@ def constraint_from(response_format: Any) -> Constraint | None:
             return Constraint.json_object()
         if kind == "text" and len(response_format) == 1:
             return None
-        if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
-            schema = response_format["json_schema"].get("schema")
-            if schema is None:
-                raise InfluenceError("response_format json_schema has no 'schema'")
-            return Constraint.json_schema(schema)
+        if kind == "json_schema":
+            wrapper = response_format.get("json_schema")
+            if not isinstance(wrapper, dict) or wrapper.get("schema") is None:
+                raise InfluenceError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+            return Constraint.json_schema(wrapper["schema"])
+        if kind == "text":
+            raise InfluenceError("response_format text takes no other fields")
         return Constraint.json_schema(response_format)
     raise InfluenceError(f"response_format must be 'json', a JSON schema dict or a pydantic model class, "
                          f"got {response_format!r}")

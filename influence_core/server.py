@@ -195,8 +195,7 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
         try:
             plan = plan_tools(model.tokenizer, [tool.model_dump(exclude_none=True) for tool in body.tools or []],
                               body.tool_choice, body.parallel_tool_calls)
-            parser = plan.parser if plan else _history_parser(model, body.messages)
-            messages, tools = template_messages([m.for_template() for m in body.messages], plan, parser)
+            messages, tools = template_messages([m.for_template() for m in body.messages], plan, model.tokenizer)
         except InfluenceError as error:
             raise OpenAIError(400, str(error), param="tools") from None
         constraint = plan.constraint if plan else None
@@ -220,15 +219,6 @@ class Submitted:
 
     job: Job
     pieces: asyncio.Queue
-
-
-def _history_parser(model: Model, messages: list[ChatMessage]):
-    """The tool parser that writes past calls into the prompt, when the request offers no tools."""
-    if not any(m.tool_calls for m in messages):
-        return None
-    from .plugins import get_registry
-
-    return get_registry().tool_parser_for(model.tokenizer.chat_template or "")
 
 
 def _response_format(body: SamplingFields):

@@ -79,12 +79,15 @@ def _arguments(call: dict[str, Any]) -> dict[str, Any]:
     return parsed
 
 
-def template_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
-                      parser: ToolParser | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def template_messages(messages: list[dict[str, Any]], plan: ToolPlan | None, tokenizer: Tokenizer
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages and the ``tools`` for the chat template. ``messages`` are OpenAI's, with text
-    content; tool-call arguments become objects, as templates written for transformers expect."""
-    parser = plan.parser if plan else parser
-    native = plan.native if plan else False
+    content; tool-call arguments become objects, as templates written for transformers expect.
+    Past calls go to a template that cannot render them as text in the tool parser's syntax."""
+    native = plan.native if plan else tokenizer.renders_tools
+    parser = plan.parser if plan else None
+    if parser is None and not native and any(message.get("tool_calls") for message in messages):
+        parser = get_registry().tool_parser_for(tokenizer.chat_template or "")
     rendered = []
     for message in messages:
         message = {key: value for key, value in message.items() if value is not None}
@@ -96,8 +99,6 @@ def template_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
             if native:
                 message["tool_calls"] = calls
             else:
-                if parser is None:
-                    raise InfluenceError("an assistant message holds tool_calls, but no tool parser is installed")
                 del message["tool_calls"]
                 written = "\n".join(parser.render_call(ToolCall(c["function"]["name"], c["function"]["arguments"]))
                                     for c in calls)

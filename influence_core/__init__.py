@@ -30,6 +30,7 @@ _LAZY = {
     "Model": "api", "load": "api",
     "GenerationResult": "generation", "GenerationStats": "generation",
     "hookimpl": "plugins", "register_plugin": "plugins", "unregister_plugin": "plugins",
+    "Constraint": "structured",
 }
 
 
@@ -42,7 +43,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BackendError", "ContextLengthError", "GenerationResult", "GenerationStats", "InfluenceError", "Model",
+    "BackendError", "Constraint", "ContextLengthError", "GenerationResult", "GenerationStats", "InfluenceError", "Model",
     "ModelFormatError", "ModelNotFoundError", "PluginVersionError", "SamplingError", "UnsupportedArchitectureError",
     "hookimpl", "load", "register_plugin", "unregister_plugin", "__version__",
 ]

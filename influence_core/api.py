@@ -24,6 +24,7 @@ from .interfaces import ModelSource, Runner
 from .plugins import call_plugin, get_registry
 from .sampling import SamplingParams, build_chain
 from .store import convert_into_store, installed_default_gguf, models_dir, resolve_default_model
+from .structured import constraint_from
 
 Prompt = str | list[dict[str, str]] | list[int]
 
@@ -136,9 +137,11 @@ class Model:
     def tokenizer(self):
         return self.source.tokenizer
 
-    def encode_prompt(self, prompt: Prompt, *, raw: bool = False, system: str | None = None) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, *, raw: bool = False, system: str | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids for a prompt: a string (wrapped in the chat template unless ``raw`` or the model
-        has none), a list of chat messages, or token ids as they are."""
+        has none), a list of chat messages, or token ids as they are. ``tools`` (OpenAI's tool
+        objects) go to the template as transformers passes them."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         tokenizer = self.tokenizer
@@ -149,31 +152,39 @@ class Model:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages.insert(0, {"role": "system", "content": system})
-        return tokenizer.encode_chat(messages)
+        return tokenizer.encode_chat(messages, tools=tools)
 
     def new_generation(self, prompt: Prompt, *, max_tokens: int | None = None, stop: Sequence[str] = (),
                        raw: bool = False, system: str | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                       repetition_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,
-                       sampler_options: dict[str, Any] | None = None) -> Generation:
+                       repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                       frequency_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,
+                       sampler_options: dict[str, Any] | None = None, response_format: Any = None,
+                       logprobs: int | None = None, tools: list[dict[str, Any]] | None = None) -> Generation:
         """Tokenize and set up one generation (sampler chain, limits) without running it.
 
         Options left as None take the shared defaults (`influence_core.defaults`): sampling from
         the model's generation_config.json, else the built-in settings; ``max_tokens``
-        `DEFAULT_MAX_TOKENS`. ``temperature=0`` is greedy."""
+        `DEFAULT_MAX_TOKENS`. ``temperature=0`` is greedy. ``response_format`` constrains the text:
+        "json" (any JSON object), a JSON schema dict, a pydantic model class, or a `Constraint` (a
+        regex or a grammar too); see docs/structured-output.md. ``logprobs=N`` records each token's
+        logprob and its N most likely alternatives in the result. ``tools`` go to the chat template."""
         requested_at = time.perf_counter()
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repetition_penalty=repetition_penalty, seed=seed, sampler=sampler,
-            sampler_options=dict(sampler_options or {}),
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, seed=seed, sampler=sampler,
+            sampler_options=dict(sampler_options or {}), constraint=constraint_from(response_format),
         )
         params.validate()
-        chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device)
-        prompt_ids = self.encode_prompt(prompt, raw=raw, system=system)
-        eos = set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        eos = tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device,
+                            tokenizer=self.tokenizer, eos_token_ids=eos, vocab_size=self.config.vocab_size)
+        prompt_ids = self.encode_prompt(prompt, raw=raw, system=system, tools=tools)
         limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        return Generation(self.tokenizer, prompt_ids, chain, limit, stop, sorted(eos),
-                          self.runner.context_length, self.runner.device, requested_at=requested_at)
+        return Generation(self.tokenizer, prompt_ids, chain, limit, stop, eos,
+                          self.runner.context_length, self.runner.device, requested_at=requested_at,
+                          logprobs=logprobs)
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Start generating (options as `new_generation`); iterate the result for text pieces, then

@@ -35,10 +35,12 @@ class Case:
     dtype: str
     reference: bool = False
     compiled: bool = False  # our backend's compiled decode step
+    output_format: str | None = None  # "json": every decode step also masks with a JSON-mode grammar
 
     @property
     def label(self) -> str:
-        return f"{self.engine}{' compiled' if self.compiled else ''} {self.dtype}"
+        return f"{self.engine}{' compiled' if self.compiled else ''} {self.dtype}" + (
+            f" --format {self.output_format}" if self.output_format else "")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Measurement:
     peak_rss_mb: float = 0.0
     runtime_rss_mb: float = 0.0  # resident before loading, once the engine's libraries are imported
     weight_bytes_per_token: int = 0
+    format_overhead_percent: list[float] = field(default_factory=list)  # the mask's share of a decode step
     error: str | None = None
 
 
@@ -116,6 +119,47 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
         result.tg_tokens_per_s.append(settings.gen_tokens / (time.perf_counter() - started))
         model.cache.token_ids = []
         result.ttft_s.append(model.generate(ids, max_tokens=1, temperature=0).stats.time_to_first_token_s)
+    if case.output_format:
+        _measure_format_overhead(model, ids, settings, result)
+
+
+def _measure_format_overhead(model: Any, ids: list[int], settings: Settings, result: Measurement) -> None:
+    """tg again with JSON mode's grammar mask applied to every step's logits, the tokens forced along a
+    JSON document (a prefix of valid JSON is always allowed); the overhead is the mask's time over
+    the unmasked step's."""
+    import torch
+
+    from influence_core.interfaces import SamplingContext
+
+    words = PROMPT_TEXT.split()
+    document = json.dumps({"items": [{"word": w, "length": len(w)} for w in words * 8]}, separators=(",", ":"))
+    forced = model.tokenizer.encode(document, add_special_tokens=False)[:settings.gen_tokens]
+    history = torch.tensor(ids + forced)
+    runner = model.runner
+    result.tg_tokens_per_s.clear()
+    for _ in range(settings.repetitions):
+        mask = model.new_generation(ids, max_tokens=len(forced) + 1, response_format=_format_constraint(result.case)
+                                    ).chain.processors[0]
+        runner.forward(ids, 0)
+        masking = 0.0  # timed apart from the steps, so a busy machine's noise in the steps does not swamp it
+        started = time.perf_counter()
+        for step in range(len(forced)):
+            logits = runner.forward([ids[-1] if step == 0 else forced[step - 1]], len(ids) + step)
+            int(logits.argmax())
+            masked_at = time.perf_counter()
+            int(mask(logits, SamplingContext(history[:len(ids) + step], None, len(ids))).argmax())
+            masking += time.perf_counter() - masked_at
+        elapsed = time.perf_counter() - started
+        result.tg_tokens_per_s.append(len(forced) / elapsed)
+        result.format_overhead_percent.append(100 * masking / (elapsed - masking))
+
+
+def _format_constraint(case: Case) -> Any:
+    from influence_core.structured import Constraint
+
+    if case.output_format != "json":
+        raise ValueError(f"bench --format takes json, got {case.output_format!r}")
+    return Constraint.json_object()
 
 
 def _measure_hf_generate(model: Any, ids: list[int], settings: Settings, result: Measurement) -> None:
@@ -313,7 +357,9 @@ def summarise(results: list[Measurement], bandwidth: float) -> list[dict[str, An
         roofline = bandwidth * 1e9 / m.weight_bytes_per_token if m.weight_bytes_per_token else 0.0
         row = {
             "engine": m.case.engine, "dtype": m.case.dtype, "reference": m.case.reference,
-            "compiled": m.case.compiled, "error": m.error,
+            "compiled": m.case.compiled, "output_format": m.case.output_format, "error": m.error,
+            "format_overhead_percent": (round(median(m.format_overhead_percent), 1)
+                                        if m.format_overhead_percent else None),
             "load_s": round(m.load_s, 3),
             "pp_tokens_per_s": round(median(m.pp_tokens_per_s), 1), "pp_spread": round(spread(m.pp_tokens_per_s), 1),
             "tg_tokens_per_s": round(tg, 1), "tg_spread": round(spread(m.tg_tokens_per_s), 1),

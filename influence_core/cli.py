@@ -164,6 +164,14 @@ def generate(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the text only when it is complete.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Print token counts and timings after the text.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with text, tokens and timings.")] = False,
+    output_format: Annotated[Optional[str], typer.Option(
+        "--format", metavar="json|FILE.json", help="Constrain the output: 'json' for any JSON object, or a "
+                                                  "JSON schema file.")] = None,
+    json_schema: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Constrain the output to this JSON schema.")] = None,
+    grammar: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", help="Constrain the output to this grammar (GBNF, as llama.cpp's, or Lark).")] = None,
+    regex: Annotated[Optional[str], typer.Option(help="Constrain the output to match this regular expression.")] = None,
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="With --prompts-file: most prompts decoding together.")] = 8,
@@ -174,7 +182,8 @@ def generate(
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                   sampler=sampler, sampler_options=_sampler_options(option or []))
+                   sampler=sampler, sampler_options=_sampler_options(option or []),
+                   response_format=_constraint(output_format, json_schema, grammar, regex))
     options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
     if tensor_parallel > 1 and _start_ranks(ctx, prompt, _model_reference(model_path, model_name), tensor_parallel):
         return
@@ -222,6 +231,31 @@ def _utf8(data: bytes, what: str) -> str:
     except UnicodeDecodeError as error:
         raise InfluenceError(f"{what} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
                              f"({error.reason})") from None
+
+
+def _constraint(output_format: Optional[str], json_schema: Optional[Path], grammar: Optional[Path],
+                regex: Optional[str]):
+    """The one constraint --format, --json-schema, --grammar or --regex asked for, if any."""
+    from .structured import Constraint, read_json_schema
+
+    given = [flag for flag, value in (("--format", output_format), ("--json-schema", json_schema),
+                                      ("--grammar", grammar), ("--regex", regex)) if value is not None]
+    if len(given) > 1:
+        raise InfluenceError(f"give one of {', '.join(given)}: each constrains the whole output")
+    if output_format is not None:
+        if output_format == "json":
+            return Constraint.json_object()
+        if not output_format.endswith(".json"):
+            raise InfluenceError(f"--format takes 'json' or a JSON schema file (FILE.json), got {output_format!r}")
+        return read_json_schema(Path(output_format))
+    if json_schema is not None:
+        return read_json_schema(json_schema)
+    if grammar is not None:
+        try:
+            return Constraint.grammar(grammar.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise InfluenceError(f"cannot read {grammar}: {error.strerror}") from None
+    return Constraint.regex(regex) if regex is not None else None
 
 
 def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,
@@ -450,6 +484,9 @@ def bench(
     compiled: Annotated[bool, typer.Option("--compile", help="Also measure the torch backend with its decode "
                                            "step compiled (compilation itself is not timed).")] = False,
     gguf: Annotated[Optional[Path], typer.Option(help="GGUF file for llama.cpp (default: the default model's).")] = None,
+    output_format: Annotated[Optional[str], typer.Option(
+        "--format", metavar="json", help="Also measure tg with JSON mode's grammar mask on every step, and its "
+                                         "share of a decode step.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
@@ -476,6 +513,11 @@ def bench(
              for dtype in ([only] if only else _split(dtypes))]
     if compiled:
         cases += [benchmarks.Case("torch", dtype, compiled=True) for dtype in _split(dtypes)]
+    if output_format is not None:
+        if output_format != "json":
+            raise InfluenceError(f"bench --format takes json, got {output_format!r}")
+        cases += [benchmarks.Case(case.engine, case.dtype, output_format=output_format)
+                  for case in list(cases) if not case.reference and not case.compiled]
     if reference:
         float_dtypes = [d for d in _split(dtypes) if d in ("float32", "bfloat16", "float16")]
         cases += [benchmarks.Case("transformers", d, reference=True) for d in float_dtypes]
@@ -510,6 +552,8 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
                         f"median of {settings.repetitions}")
     for row in rows:
         name = f"{row['engine']}{' (reference)' if row['reference'] else ''}{' compiled' if row['compiled'] else ''}"
+        if row["output_format"]:
+            name += f" --format {row['output_format']} (mask {row['format_overhead_percent']}% of a step)"
         if row["error"]:
             table.add_row(name, row["dtype"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
             continue

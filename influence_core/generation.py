@@ -51,6 +51,26 @@ class GenerationStats:
         }
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A picked token's log-probability under the distribution it was drawn from (after the
+    penalties, the grammar mask, temperature and top-k/p), and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; masked tokens left out
+
+
+def token_logprob(logits, token: int, top: int) -> TokenLogprob:
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, min(top, logprobs.shape[-1])) if top else None
+    alternatives = () if best is None else tuple(
+        (int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist()) if v != float("-inf"))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -63,6 +83,7 @@ class GenerationResult:
     # The settings that ran, after defaults: temperature, top_k, top_p, min_p, repetition_penalty,
     # seed, sampler and max_tokens.
     settings: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token when asked for (`logprobs=`)
 
 
 @dataclass
@@ -112,7 +133,8 @@ class Generation:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], chain: SamplerChain, max_tokens: int,
                  stop: Sequence[str], eos_token_ids: Sequence[int], context_length: int, device: str,
-                 requested_at: float | None = None) -> None:
+                 requested_at: float | None = None, logprobs: int | None = None) -> None:
+        """``logprobs``: record each picked token's logprob and that many top alternatives (None: off)."""
         import torch
 
         if not prompt_ids:
@@ -139,6 +161,8 @@ class Generation:
         self.requested_at = requested_at or time.perf_counter()
         self.prefill_started_at = self.first_token_at = self.finished_at = self.requested_at
         self.reused_prompt_tokens = 0
+        self.top_logprobs = logprobs
+        self.token_logprobs: list[TokenLogprob] = []
 
     @property
     def next_position(self) -> int:
@@ -148,7 +172,9 @@ class Generation:
     def accept(self, logits) -> str:
         """Pick the next token from ``logits``; return the text it completes (maybe "")."""
         position = len(self.prompt_ids) + len(self.generated)
-        token = self.chain(logits, self.history[:position])
+        token, processed = self.chain.choose(logits, self.history[:position], len(self.prompt_ids))
+        if self.top_logprobs is not None:
+            self.token_logprobs.append(token_logprob(processed, token, self.top_logprobs))
         if not self.generated:
             self.first_token_at = time.perf_counter()
         self.generated.append(token)
@@ -180,7 +206,8 @@ class Generation:
         )
         return GenerationResult(text="".join(self.text_parts), token_ids=list(self.generated),
                                 finish_reason=self.finish_reason or "cancelled", stats=stats, seed=self.chain.seed,
-                                settings={**self.chain.settings, "max_tokens": self.max_tokens})
+                                settings={**self.chain.settings, "max_tokens": self.max_tokens},
+                                logprobs=list(self.token_logprobs) if self.top_logprobs is not None else None)
 
 
 class TextStream:

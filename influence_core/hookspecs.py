@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import pluggy
 
-HOOKSPEC_VERSION = "1.0"
+HOOKSPEC_VERSION = "1.1"  # 1.1 added register_tool_parsers
 
 hookspec = pluggy.HookspecMarker("influence")
 
@@ -78,6 +78,19 @@ def register_backends(register: Callable[..., None]) -> None:
     A backend declares the device kinds (cpu, cuda, mps) and dtypes it supports, reports which
     devices this machine actually has, and loads a model source into a `Runner` that owns the KV
     cache and computes logits. ``--backend NAME`` picks one per run.
+    """
+
+
+@hookspec
+def register_tool_parsers(register: Callable[..., None]) -> None:
+    """Register tool-call formats: ``register(ToolParser(name, matches, parse, call_grammar, ...))``.
+
+    Added in hook spec 1.1. The server picks, for a model's chat template, the first parser whose
+    ``matches(template)`` is true (the built-in ``hermes`` parser otherwise, which also serves
+    templates that cannot render tools): it parses the model's replies into OpenAI ``tool_calls``
+    and supplies the grammar that forces a call under ``tool_choice`` "required" or a named
+    function. A plugin adds a model family's tool format by registering one more parser; a plugin
+    using this hook declares ``influence_hookspec_version = "1.1"``.
     """
 
 

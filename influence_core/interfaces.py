@@ -168,6 +168,7 @@ class SamplingContext:
 
     token_ids: Any  # torch.LongTensor on the logits' device: prompt and output so far
     generator: Any  # torch.Generator on the logits' device, seeded for reproducible draws
+    prompt_length: int = 0  # token_ids[prompt_length:] is the output so far
 
 
 @dataclass(frozen=True)
@@ -183,4 +184,29 @@ class Sampler:
     name: str
     kind: Literal["processor", "picker"]
     create: Callable[..., Callable[..., Any]]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ToolParser:
+    """One chat-template family's tool-call syntax (Hermes/Qwen ``<tool_call>{...}</tool_call>``, ...).
+
+    ``matches(chat_template)`` says whether a model's template is of this family. ``parse(text)``
+    splits a reply into its content (None when there is none) and its `ToolCall`s; text that is no
+    valid call stays content. ``call_grammar(functions, parallel, optional)`` is a `Constraint`
+    whose every match is one call (several when ``parallel``) of one of ``functions`` (OpenAI's
+    ``function`` objects: name, description, parameters) with arguments valid against its
+    parameters; when ``optional``, text that opens no call matches too. ``system_prompt(functions)``
+    describes the tools and the syntax, for templates that cannot render tools themselves;
+    ``render_call(call)`` writes a past call in the syntax, for those templates' history.
+    ``call_start`` is the text that opens a call, so a stream holds back what may start one.
+    """
+
+    name: str
+    matches: Callable[[str], bool]
+    parse: Callable[[str], tuple[Any, list[Any]]]
+    call_grammar: Callable[[list[dict[str, Any]], bool, bool], Any]
+    system_prompt: Callable[[list[dict[str, Any]]], str]
+    render_call: Callable[[Any], str]
+    call_start: str
     description: str = ""

@@ -40,7 +40,7 @@ from .errors import (
     SamplingError,
     UnsupportedArchitectureError,
 )
-from .interfaces import Architecture, Backend, ModelLoader, Sampler
+from .interfaces import Architecture, Backend, ModelLoader, Sampler, ToolParser
 
 ENTRY_POINT_GROUP = "influence"
 BUILTIN_DISTRIBUTION = "influence"  # the plugins we ship come with the core's own distribution
@@ -66,6 +66,7 @@ REGISTER_HOOKS: dict[str, tuple[type, str]] = {
     "register_architectures": (Architecture, "architectures"),
     "register_samplers": (Sampler, "samplers"),
     "register_backends": (Backend, "backends"),
+    "register_tool_parsers": (ToolParser, "tool_parsers"),
 }
 
 
@@ -109,6 +110,7 @@ class Registry:
     architectures: list[Architecture] = field(default_factory=list)
     samplers: list[Sampler] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
+    tool_parsers: list[ToolParser] = field(default_factory=list)
     provider: dict[int, str] = field(default_factory=dict)  # id(item) -> plugin name
     overrides: list[Override] = field(default_factory=list)
 
@@ -130,6 +132,18 @@ class Registry:
             if sampler.name == name:
                 return sampler
         raise SamplingError(f"unknown sampler {name!r} (installed: {_names(self.samplers)})")
+
+    def tool_parser_for(self, chat_template: str) -> ToolParser:
+        """The first parser whose family the template belongs to, else the Hermes format (which
+        also serves templates that cannot render tools)."""
+        for parser in self.tool_parsers:
+            if parser.matches(chat_template):
+                return parser
+        for parser in self.tool_parsers:
+            if parser.name == "hermes":
+                return parser
+        raise SamplingError("tool calling needs a tool parser, and no installed plugin registers one "
+                            "(the built-in one comes with influence's grammar plugin)")
 
     def loader_for(self, path: Path) -> ModelLoader:
         for loader in self.loaders:

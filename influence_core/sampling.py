@@ -1,7 +1,8 @@
 """Sampling parameters and the sampler chain the generation loop applies to each token's logits.
 
-Order (the same as transformers): repetition penalty, temperature, top-k, top-p, min-p, then one
-picker: argmax when the temperature is 0, otherwise a seeded draw from the softmax. A sampler named
+Order (the same as transformers, with the grammar mask and OpenAI's penalties first): the grammar
+mask of a `Constraint`, presence and frequency penalties, repetition penalty, temperature, top-k,
+top-p, min-p, then one picker: argmax when the temperature is 0, otherwise a seeded draw from the softmax. A sampler named
 with ``--sampler`` replaces the picker if it is one, or runs after the built-in processors if not.
 """
 
@@ -19,10 +20,13 @@ from .defaults import BUILTIN_SAMPLING
 from .errors import InfluenceError, SamplingError
 from .interfaces import SamplingContext
 from .plugins import Registry, call_plugin
+from .structured import Constraint
+from .tokenizer import Tokenizer
 
 # Seeds are refused outside [0, MAX_SEED] (the range torch.Generator takes without wrapping), in
 # the API, the CLI and the server alike, rather than reduced: two different seeds never collide.
 MAX_SEED = 2**64 - 1
+PENALTY_RANGE = 2.0  # OpenAI's presence_penalty and frequency_penalty lie in [-2, 2]
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,10 @@ class SamplingParams:
     top_p: float | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
+    constraint: Constraint | None = None
     sampler: str | None = None
     sampler_options: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +75,10 @@ class SamplingParams:
             raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not (_is_integer(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise SamplingError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+                raise SamplingError(f"{name} must be in [-2, 2], got {value}")
 
 
 def _is_integer(value: Any) -> bool:
@@ -109,15 +120,21 @@ class SamplerChain:
         self.settings = settings or {}  # what the chain was built from, as results report it
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: Any, token_ids: Any) -> int:
-        context = SamplingContext(token_ids=token_ids, generator=self.generator)
+    def __call__(self, logits: Any, token_ids: Any, prompt_length: int = 0) -> int:
+        return self.choose(logits, token_ids, prompt_length)[0]
+
+    def choose(self, logits: Any, token_ids: Any, prompt_length: int = 0) -> tuple[int, Any]:
+        """The picked token and the processed logits it was picked from (for logprobs)."""
+        context = SamplingContext(token_ids=token_ids, generator=self.generator, prompt_length=prompt_length)
         for process in self.processors:
             logits = process(logits, context)
-        return self.picker(logits, context)
+        return self.picker(logits, context), logits
 
 
-def build_chain(params: SamplingParams, registry: Registry, device: str) -> SamplerChain:
-    """``params`` must already have defaults filled in (`SamplingParams.with_defaults`)."""
+def build_chain(params: SamplingParams, registry: Registry, device: str, tokenizer: Tokenizer | None = None,
+                eos_token_ids: tuple[int, ...] = (), vocab_size: int = 0) -> SamplerChain:
+    """``params`` must already have defaults filled in (`SamplingParams.with_defaults`); a
+    constraint needs the tokenizer, the EOS ids and the logits' width."""
     params.validate()
 
     def create(name: str, **options: Any) -> Callable[..., Any]:
@@ -131,6 +148,15 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
             raise
 
     processors = []
+    if params.constraint is not None:
+        if tokenizer is None:
+            raise SamplingError("a constraint needs the model's tokenizer")
+        processors.append(create("grammar", constraint=params.constraint, tokenizer=tokenizer,
+                                 eos_token_ids=eos_token_ids, vocab_size=vocab_size))
+    if params.presence_penalty:
+        processors.append(create("presence_penalty", penalty=params.presence_penalty))
+    if params.frequency_penalty:
+        processors.append(create("frequency_penalty", penalty=params.frequency_penalty))
     if params.repetition_penalty != 1.0:
         processors.append(create("repetition_penalty", penalty=params.repetition_penalty))
     greedy = params.temperature == 0
@@ -158,6 +184,9 @@ def build_chain(params: SamplingParams, registry: Registry, device: str) -> Samp
                 "top_p": None if greedy else params.top_p, "min_p": None if greedy else params.min_p,
                 "repetition_penalty": params.repetition_penalty, "seed": seed,
                 "sampler": params.sampler or ("argmax" if greedy else "sample")}
-    if params.sampler_options:
-        settings["sampler_options"] = dict(params.sampler_options)
+    settings.update({name: value for name, value in (("presence_penalty", params.presence_penalty),
+                                                     ("frequency_penalty", params.frequency_penalty),
+                                                     ("sampler_options", params.sampler_options)) if value})
+    if params.constraint is not None:
+        settings["constraint"] = params.constraint.kind
     return SamplerChain(processors, picker, seed, device, settings)

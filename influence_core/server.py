@@ -4,6 +4,10 @@ Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/complet
 model's chat template), streaming as server-sent events in OpenAI's chunk format. Every request
 becomes one or more generations in a shared `BatchEngine`; a streaming client that goes away
 frees its slot at the next decode step.
+
+Every request field is either honoured or refused with a 400 naming it: structured output
+(``response_format``), tools, logprobs, OpenAI's penalties and vLLM's ``top_k``, ``min_p`` and
+``repetition_penalty`` are honoured (docs/structured-output.md); any other field is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .api import Model
 from .engine import BatchEngine, Job, QueueFullError
 from .errors import InfluenceError
+from .generation import Generation, TokenLogprob
 from .sampling import MAX_SEED
+from .structured import constraint_from
+from .tools import ReplyFilter, ToolPlan, plan_tools, split_reply, template_messages
 
 # OpenAI's finish reasons: "stop" when the model or a stop string ended it, "length" when a limit did.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
@@ -33,6 +40,8 @@ RETRY_AFTER_S = 1
 
 
 class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field we do not know is refused, never ignored
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -43,24 +52,88 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    # vLLM's extra sampling fields (extra_body in the openai client); top_k -1 means off, as in vLLM.
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallField(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallField] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        for part in self.content:
+            if part.get("type") != "text":
+                raise OpenAIError(400, f"message content of type {part.get('type')!r} is not supported (text only)",
+                                  param="messages")
+        return "".join(part.get("text", "") for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise OpenAIError(400, f"a {self.role} message needs content (only an assistant message with "
+                                   "tool_calls may have none)", param="messages")
+        return {"role": self.role if self.role != "developer" else "system", "content": self.text(),
+                "name": self.name, "tool_call_id": self.tool_call_id,
+                "tool_calls": [call.model_dump() for call in self.tool_calls] if self.tool_calls else None}
+
+
+class Function(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: Function
 
 
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
 
 class OpenAIError(Exception):
@@ -87,6 +160,9 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        if first.get("type") == "extra_forbidden":
+            return error_response(OpenAIError(400, f"{location}: this field is not supported by Influence",
+                                              param=location))
         return error_response(OpenAIError(400, f"{location}: {first.get('msg')}", param=location or None))
 
     @app.get("/health")
@@ -104,17 +180,37 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        jobs = submit(engine, model, [p for p in prompts for _ in range(body.n)], body, raw=True)
-        return await respond(engine, jobs, body, chat=False, model_name=model_name)
+        if body.echo and body.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs is not supported (it needs the prompt's logprobs)",
+                              param="echo")
+        jobs = submit(engine, model, [p for p in prompts for _ in range(body.n)], body, raw=True,
+                      logprobs=body.logprobs)
+        echoed = [p for p in prompts for _ in range(body.n)] if body.echo else None
+        return await respond(engine, model, jobs, body, chat=False, model_name=model_name, echoed=echoed)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Any:
         if not model.tokenizer.chat_template:
             raise OpenAIError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in body.messages]
-        jobs = submit(engine, model, [messages] * body.n, body, raw=False)
-        return await respond(engine, jobs, body, chat=True, model_name=model_name)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        try:
+            plan = plan_tools(model.tokenizer, [tool.model_dump(exclude_none=True) for tool in body.tools or []],
+                              body.tool_choice, body.parallel_tool_calls)
+            messages, tools = template_messages([m.for_template() for m in body.messages], plan, model.tokenizer)
+        except InfluenceError as error:
+            raise OpenAIError(400, str(error), param="tools") from None
+        constraint = plan.constraint if plan else None
+        if constraint and body.response_format and body.response_format.get("type") != "text":
+            if plan.calling:
+                raise OpenAIError(400, "response_format cannot be combined with a tool_choice that constrains the "
+                                       "reply (required, a named function, or strict functions)",
+                                  param="response_format")
+            constraint = None  # under "none", response_format's own form opens no call either
+        jobs = submit(engine, model, [messages] * body.n, body, raw=False,
+                      logprobs=(body.top_logprobs or 0) if body.logprobs else None, tools=tools,
+                      constraint=constraint)
+        return await respond(engine, model, jobs, body, chat=True, model_name=model_name, plan=plan)
 
     return app
 
@@ -127,18 +223,31 @@ class Submitted:
     pieces: asyncio.Queue
 
 
-def submit(engine: BatchEngine, model: Model, prompts: list[Any], body: SamplingFields, raw: bool) -> list[Submitted]:
+def _response_format(body: SamplingFields):
+    try:
+        return constraint_from(body.response_format)
+    except InfluenceError as error:
+        raise OpenAIError(400, str(error), param="response_format") from None
+
+
+def submit(engine: BatchEngine, model: Model, prompts: list[Any], body: SamplingFields, raw: bool,
+           logprobs: int | None = None, tools: list[dict[str, Any]] | None = None, constraint: Any = None
+           ) -> list[Submitted]:
     """Queue one generation per prompt; if any cannot be queued, none stays queued."""
     loop = asyncio.get_running_loop()
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    max_tokens = body.max_completion_tokens or body.max_tokens or model.runner.context_length
+    max_tokens = body.max_completion_tokens or body.max_tokens  # None: the shared default (influence_core.defaults)
+    response_format = constraint or _response_format(body)
     jobs = []
     try:
         for index, prompt in enumerate(prompts):
             generation = model.new_generation(
                 prompt, raw=raw, max_tokens=max_tokens, stop=stop,
-                temperature=body.temperature if body.temperature is not None else _default_temperature(model),
-                top_p=body.top_p, seed=None if body.seed is None else body.seed + index,
+                temperature=body.temperature,
+                top_p=body.top_p, top_k=None if body.top_k is None else max(body.top_k, 0), min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty, presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty, response_format=response_format, logprobs=logprobs,
+                tools=tools, seed=None if body.seed is None else body.seed + index,
             )
             pieces: asyncio.Queue = asyncio.Queue()
             job = engine.submit(generation, lambda piece, q=pieces: loop.call_soon_threadsafe(q.put_nowait, piece))
@@ -159,19 +268,14 @@ def release(engine: BatchEngine, jobs: list[Submitted]) -> None:
             engine.cancel(submitted.job)
 
 
-def _default_temperature(model: Model) -> float:
-    """OpenAI's default is 1.0; a model's own generation_config.json default wins."""
-    defaults = model.config.generation
-    return defaults.temperature if defaults.do_sample and defaults.temperature is not None else 1.0
-
-
-async def respond(engine: BatchEngine, jobs: list[Submitted], body: SamplingFields, chat: bool,
-                  model_name: str) -> Any:
+async def respond(engine: BatchEngine, model: Model, jobs: list[Submitted], body: SamplingFields, chat: bool,
+                  model_name: str, plan: ToolPlan | None = None, echoed: list[str] | None = None) -> Any:
     identifier = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_events(engine, jobs, chat, identifier, created, model_name, include_usage),
+        return StreamingResponse(stream_events(engine, model, jobs, chat, identifier, created, model_name,
+                                               include_usage, plan, echoed),
                                  media_type="text/event-stream")
     try:
         for submitted in jobs:
@@ -182,18 +286,59 @@ async def respond(engine: BatchEngine, jobs: list[Submitted], body: SamplingFiel
     failed = next((s.job.error for s in jobs if s.job.error), None)
     if failed:
         raise OpenAIError(500, failed, kind="server_error")
-    results = [s.job.result for s in jobs]
     choices = []
-    for index, result in enumerate(results):
-        choice: dict[str, Any] = {"index": index, "finish_reason": FINISH_REASONS[result.finish_reason],
-                                  "logprobs": None}
+    for index, submitted in enumerate(jobs):
+        result = submitted.job.result
+        finish_reason = FINISH_REASONS[result.finish_reason]
+        logprobs = None
+        if result.logprobs is not None:
+            logprobs = (chat_logprobs(model, result.logprobs) if chat
+                        else completion_logprobs(model, result.logprobs, len(echoed[index]) if echoed else 0))
+        # "settings" (not OpenAI's; clients ignore it) says what ran after defaults, as `generate --json` does.
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs,
+                                  "settings": result.settings}
         if chat:
-            choice["message"] = {"role": "assistant", "content": result.text}
+            content, calls = split_reply(plan, result.text)
+            choice["message"] = {"role": "assistant", "content": content}
+            if calls:
+                choice["message"]["tool_calls"] = [tool_call(call) for call in calls]
+                choice["finish_reason"] = "tool_calls" if finish_reason == "stop" else finish_reason
         else:
-            choice["text"] = result.text
+            choice["text"] = (echoed[index] if echoed else "") + result.text
         choices.append(choice)
     return {"id": identifier, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model_name, "choices": choices, "usage": usage(jobs)}
+
+
+def tool_call(call: Any, index: int | None = None) -> dict[str, Any]:
+    entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return entry if index is None else {"index": index, **entry}
+
+
+def _token_text(model: Model, token_id: int) -> str:
+    # As the text shows it: special tokens are left out of both, so the tokens join into the text.
+    return model.tokenizer.decode([token_id])
+
+
+def chat_logprobs(model: Model, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(model, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(t.token_id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                        for t in logprobs], "refusal": None}
+
+
+def completion_logprobs(model: Model, logprobs: list[TokenLogprob], offset: int) -> dict[str, Any]:
+    tokens = [_token_text(model, t.token_id) for t in logprobs]
+    offsets, position = [], offset
+    for text in tokens:
+        offsets.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": [t.logprob for t in logprobs],
+            "top_logprobs": [{_token_text(model, i): lp for i, lp in t.top} for t in logprobs],
+            "text_offset": offsets}
 
 
 def usage(jobs: list[Submitted]) -> dict[str, int]:
@@ -202,8 +347,28 @@ def usage(jobs: list[Submitted]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, identifier: str, created: int, model_name: str,
-                        include_usage: bool) -> AsyncIterator[str]:
+class LogprobCursor:
+    """Hands out, with each streamed piece, the logprobs of the tokens picked since the last one."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.sent = 0
+
+    @property
+    def pending(self) -> bool:
+        return len(self.generation.token_logprobs) > self.sent
+
+    def take(self) -> list[TokenLogprob] | None:
+        if self.generation.top_logprobs is None:
+            return None
+        taken = self.generation.token_logprobs[self.sent:]
+        self.sent += len(taken)
+        return taken
+
+
+async def stream_events(engine: BatchEngine, model: Model, jobs: list[Submitted], chat: bool, identifier: str,
+                        created: int, model_name: str, include_usage: bool, plan: ToolPlan | None = None,
+                        echoed: list[str] | None = None) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -211,11 +376,14 @@ async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, 
                  **extra}
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    def choice(index: int, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+    def choice(index: int, text: str | None, finish_reason: str | None, logprobs: list[TokenLogprob] | None,
+               offset: int = 0, **delta: Any) -> dict[str, Any]:
         if chat:
-            delta = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            content = {} if text is None else {"content": text}
+            return {"index": index, "delta": {**content, **delta}, "finish_reason": finish_reason,
+                    "logprobs": chat_logprobs(model, logprobs) if logprobs else None}
+        return {"index": index, "text": text or "", "finish_reason": finish_reason,
+                "logprobs": completion_logprobs(model, logprobs, offset) if logprobs else None}
 
     try:
         if chat:
@@ -224,12 +392,27 @@ async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, 
                               "finish_reason": None, "logprobs": None}])
         for index, submitted in enumerate(jobs):
             job = submitted.job
+            cursor, reply = LogprobCursor(job.generation), ReplyFilter(plan if chat else None)
+            offset = 0
+            if echoed:
+                yield event([choice(index, echoed[index], None, None)])
+                offset = len(echoed[index])
             while (piece := await submitted.pieces.get()) is not None:
-                yield event([choice(index, piece, None)])
+                text = reply.push(piece)
+                if text or job.generation.top_logprobs is not None:
+                    yield event([choice(index, text, None, cursor.take(), offset)])
+                    offset += len(text)
             if job.error:
                 yield f"data: {json.dumps({'error': {'message': job.error, 'type': 'server_error'}})}\n\n"
                 return
-            yield event([choice(index, None, FINISH_REASONS.get(job.result.finish_reason, "stop"))])
+            finish_reason = FINISH_REASONS.get(job.result.finish_reason, "stop")
+            rest, calls = reply.finish()
+            if rest or calls or cursor.pending:
+                extra = {"tool_calls": [tool_call(call, i) for i, call in enumerate(calls)]} if calls else {}
+                yield event([choice(index, rest or None, None, cursor.take(), offset, **extra)])
+            if calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+            yield event([choice(index, None, finish_reason, None)])
         if include_usage:
             yield event([], usage=usage(jobs))
         yield "data: [DONE]\n\n"

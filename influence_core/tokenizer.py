@@ -54,7 +54,18 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads ``tools`` (as transformers passes them)."""
+        if not self.chat_template:
+            return False
+        import jinja2.meta
+
+        return "tools" in jinja2.meta.find_undeclared_variables(
+            _compile_template(self.chat_template).environment.parse(self.chat_template))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         if not self.chat_template:
             raise InfluenceError("this model has no chat template; pass --raw to send the prompt as is")
         eos = self.eos_token_ids[0] if self.eos_token_ids else None
@@ -63,6 +74,7 @@ class Tokenizer:
             pieces = _compile_template(self.chat_template).generate(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.token_text(self.bos_token_id),
                 eos_token=self.token_text(eos),
             )
@@ -72,9 +84,9 @@ class Tokenizer:
         finally:
             _budget.reset(token)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         # The template writes the special tokens itself, as transformers' apply_chat_template assumes.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools), add_special_tokens=False)
 
     @classmethod
     def from_dir(cls, directory: Path, *, bos_token_id: int | None, eos_token_ids: Sequence[int],

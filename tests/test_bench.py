@@ -10,8 +10,8 @@ from influence_core.bench import Case, Measurement, summarise, weight_bytes_per_
 from influence_core.config import ModelConfig
 
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
-FIELDS = {"engine", "dtype", "reference", "compiled", "error", "load_s", "pp_tokens_per_s", "pp_spread", "tg_tokens_per_s",
-          "tg_spread", "ttft_ms", "peak_rss_mb", "runtime_rss_mb", "model_rss_vs_weights", "weight_mb_per_token",
+FIELDS = {"engine", "dtype", "reference", "compiled", "output_format", "format_overhead_percent", "error", "load_s",
+          "pp_tokens_per_s", "pp_spread", "tg_tokens_per_s", "tg_spread", "ttft_ms", "peak_rss_mb", "runtime_rss_mb", "model_rss_vs_weights", "weight_mb_per_token",
           "roofline_percent", "runs", "ratios"}
 
 
@@ -27,6 +27,16 @@ def test_bench_json_reports_every_field(tiny_model):
         assert len(row["runs"]["tg"]) == 2 and len(row["runs"]["pp"]) == 2 and len(row["runs"]["ttft_s"]) == 2
         assert row["peak_rss_mb"] > row["runtime_rss_mb"] > 0 and row["model_rss_vs_weights"] > 0
         assert row["load_s"] > 0 and row["weight_mb_per_token"] > 0
+
+
+def test_bench_format_json_adds_a_row_with_the_mask_share(tiny_model):
+    done = subprocess.run([*CLI, "bench", "-p", str(tiny_model), "-n", "8", "-g", "6", "-r", "1", "--threads", "1",
+                           "--format", "json", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["results"]
+    assert [(r["engine"], r["output_format"]) for r in rows] == [("torch", None), ("torch", "json")]
+    assert rows[0]["format_overhead_percent"] is None
+    assert rows[1]["error"] is None and rows[1]["format_overhead_percent"] > 0 and rows[1]["tg_tokens_per_s"] > 0
 
 
 def test_an_engine_that_fails_is_reported_not_raised(tiny_model):

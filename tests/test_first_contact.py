@@ -213,3 +213,24 @@ def test_models_list_shows_derived_artefacts_and_prune_removes_only_the_stores(c
     assert (model_dir / "config.json").exists()
     code, _, err = invoke(capsys, "models", "prune", "nope")
     assert_one_error_line(code, err, "nope")
+
+
+def test_cli_api_and_server_run_the_same_settings_when_given_none(capsys, tiny_model):
+    import httpx
+    from test_server import Server
+
+    def without_seed(settings: dict) -> dict:
+        return {key: value for key, value in settings.items() if key != "seed"}
+
+    _, out, _ = invoke(capsys, "generate", "hello", "-p", str(tiny_model), "--json")
+    cli = json.loads(out)["settings"]
+    api = influence.load(tiny_model, device="cpu").generate("hello").settings
+    server = Server(tiny_model)
+    try:
+        reply = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,
+                           json={"messages": [{"role": "user", "content": "hello"}]}).json()
+    finally:
+        server.stop()
+    served = reply["choices"][0]["settings"]
+    assert without_seed(cli) == without_seed(api) == without_seed(served)
+    assert cli["max_tokens"] == DEFAULT_MAX_TOKENS and cli["temperature"] == BUILTIN_SAMPLING.temperature

@@ -147,7 +147,8 @@ def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
 
 
 def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
-    for name, version in [("next-major", "2.0"), ("next-minor", "1.1"), ("older-major", "0.9"), ("current", "1.0")]:
+    for name, version in [("next-major", "2.0"), ("next-minor", "1.2"), ("older-major", "0.9"), ("current", "1.1"),
+                          ("older-minor", "1.0")]:
         install_fake_distribution(site, name, "0.1", name.replace("-", "_"), f'''
             from influence_core import hookimpl
             influence_hookspec_version = "{version}"
@@ -157,15 +158,15 @@ def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
                 pass
         ''')
     listing = influence(site, "plugins", "--json")
-    assert {"current", "shift-sampler"} <= {p["name"] for p in json.loads(listing.stdout)}
+    assert {"current", "older-minor", "shift-sampler"} <= {p["name"] for p in json.loads(listing.stdout)}
     assert not {"next-major", "next-minor", "older-major"} & {p["name"] for p in json.loads(listing.stdout)}
     warnings = listing.stderr.splitlines()
     assert ("influence: warning: plugin 'next-major' (next_major) was written for influence hook spec 2.0, but this "
-            "influence provides hook spec 1.0: upgrade influence; it was skipped") in warnings
-    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.1, but this "
-            "influence provides hook spec 1.0: upgrade influence; it was skipped") in warnings
+            "influence provides hook spec 1.1: upgrade influence; it was skipped") in warnings
+    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.2, but this "
+            "influence provides hook spec 1.1: upgrade influence; it was skipped") in warnings
     assert ("influence: warning: plugin 'older-major' (older_major) was written for influence hook spec 0.9, but this "
-            "influence provides hook spec 1.0: install a release of the plugin written for hook spec 1.x; "
+            "influence provides hook spec 1.1: install a release of the plugin written for hook spec 1.x; "
             "it was skipped") in warnings
 
 
@@ -177,7 +178,7 @@ def test_registering_a_plugin_for_other_hook_specs_in_process_is_refused():
     from influence_core.errors import PluginVersionError
 
     with pytest.raises(PluginVersionError, match="'future' was written for influence hook spec 2.0, but this "
-                                                 "influence provides hook spec 1.0"):
+                                                 "influence provides hook spec 1.1"):
         register_plugin(FromTheFuture, name="future")
 
 
@@ -229,8 +230,8 @@ def test_influence_trace_plugins_shows_each_hook_call_and_what_each_plugin_regis
     assert "influence: trace: loaded plugin 'shift-sampler' (shift_sampler) from shift-sampler 1.2.3" in trace
     assert "influence: trace: register_samplers: calling shift-sampler, samplers" in trace
     assert "influence: trace:   shift-sampler registered: Sampler 'shift'" in trace
-    assert "influence: trace:   samplers registered: Sampler 'repetition_penalty', Sampler 'temperature', " \
-           "Sampler 'top_k', Sampler 'top_p', Sampler 'min_p', Sampler 'argmax', Sampler 'sample'" in trace
+    assert "influence: trace:   samplers registered: Sampler 'repetition_penalty', Sampler 'presence_penalty', " \
+           "Sampler 'frequency_penalty', Sampler 'temperature', Sampler 'top_k', Sampler 'top_p', Sampler 'min_p', Sampler 'argmax', Sampler 'sample'" in trace
     assert "influence: trace: register_backends: calling no implementations" in trace
     quiet = influence(site, "plugins", "--json", INFLUENCE_LOAD_PLUGINS="samplers,shift-sampler")
     assert "trace" not in quiet.stderr

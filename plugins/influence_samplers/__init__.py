@@ -1,5 +1,5 @@
-"""The built-in samplers: temperature, top-k, top-p, min-p and repetition penalty as logits
-processors, and argmax and a seeded draw as token pickers.
+"""The built-in samplers: temperature, top-k, top-p, min-p, repetition penalty and OpenAI's
+presence and frequency penalties as logits processors, and argmax and a seeded draw as token pickers.
 
 Each ``create`` checks its options and returns the function the generation loop calls per token;
 everything stays on the logits' device.
@@ -107,6 +107,33 @@ def repetition_penalty(penalty: Any = 1.0):
     return process
 
 
+def _openai_penalty(name: str, penalty: Any, per_count: bool):
+    """OpenAI's penalties, over the output so far (not the prompt): logit -= count * penalty
+    (frequency) or -= penalty once a token has appeared (presence)."""
+    value = _number(name, penalty, float)
+    if not -2 <= value <= 2:
+        raise SamplingError(f"{name} must be in [-2, 2], got {value}")
+
+    def process(logits, context: SamplingContext):
+        import torch
+
+        output = context.token_ids[context.prompt_length:]
+        if value == 0 or output.numel() == 0:
+            return logits
+        counts = torch.bincount(output, minlength=logits.shape[-1])[:logits.shape[-1]].to(logits.dtype)
+        return logits - value * (counts if per_count else (counts > 0).to(logits.dtype))
+
+    return process
+
+
+def presence_penalty(penalty: Any = 0.0):
+    return _openai_penalty("presence_penalty", penalty, per_count=False)
+
+
+def frequency_penalty(penalty: Any = 0.0):
+    return _openai_penalty("frequency_penalty", penalty, per_count=True)
+
+
 def argmax():
     def pick(logits, context: SamplingContext) -> int:
         return int(logits.argmax(dim=-1))
@@ -128,6 +155,10 @@ def sample():
 def register_samplers(register) -> None:
     register(Sampler("repetition_penalty", "processor", repetition_penalty,
                      "divide logits of tokens already seen by PENALTY (multiply when negative)"))
+    register(Sampler("presence_penalty", "processor", presence_penalty,
+                     "subtract PENALTY (-2..2) from tokens already in the output (OpenAI's)"))
+    register(Sampler("frequency_penalty", "processor", frequency_penalty,
+                     "subtract PENALTY (-2..2) times each token's count in the output (OpenAI's)"))
     register(Sampler("temperature", "processor", temperature, "divide logits by TEMPERATURE"))
     register(Sampler("top_k", "processor", top_k, "keep the K most likely tokens"))
     register(Sampler("top_p", "processor", top_p, "keep the smallest set of tokens whose probability reaches P"))

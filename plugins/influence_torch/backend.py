@@ -8,6 +8,7 @@ from typing import Any
 
 from influence_core.errors import BackendError, ContextLengthError
 from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
+from influence_core.store import fingerprint
 
 
 FIRST_CAPACITY = 256  # KV positions a runner starts with; the cache doubles from there as runs need
@@ -17,8 +18,7 @@ KV_MEMORY_SHARE = 0.5  # at most this share of the machine's memory goes to a co
 class TorchRunner(Runner):
     """Drives a `Llama`: owns its KV cache (grown in powers of two as positions are reached, never
     sized to the model's advertised context up front) and runs each call through the eager
-    model, or single-token and batched decode through `self.decode` (a compiled step when one is
-    loaded)."""
+    model, and single-token and batched decode through the compiled step when one is loaded."""
 
     def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
         import torch
@@ -30,8 +30,8 @@ class TorchRunner(Runner):
         self.slot_lengths = [0] * max_batch  # positions written in each slot, for copy_slot
         self.caches = model.new_caches(max_batch, min(FIRST_CAPACITY, self.context_length))
         self.key_positions = torch.arange(self.capacity, device=device)
-        # The eager model by default; `use_compiled_step` swaps in a compiled one.
-        self.decode_step = model
+        # One-token steps (single and batched) run this instead of the eager model when set.
+        self.compiled_step: Any = None
         # A single sequence's decode feeds one token at one position: reused, not rebuilt per token.
         self.one_token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.one_position = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -70,7 +70,7 @@ class TorchRunner(Runner):
             if len(token_ids) == 1 and not all_logits and slot == 0:
                 self.one_token.fill_(token_ids[0])
                 self.one_position.fill_(start_pos)
-                return self.decode_step(self.one_token, self.one_position, self.key_positions[:end], self.caches)[0, -1]
+                return self._decode(self.one_token, self.one_position, end)[0, -1]
             tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
             positions = self.key_positions[start_pos:end][None]
             logits = self.model(tokens, positions, self.key_positions[:end], self.caches, first_slot=slot,
@@ -87,7 +87,13 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             tokens = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
             rows = torch.tensor(list(positions), dtype=torch.long, device=self.device)[:, None]
-            return self.decode_step(tokens, rows, self.key_positions[:end], self.caches)[:, -1]
+            return self._decode(tokens, rows, end)[:, -1]
+
+    def _decode(self, tokens: Any, positions: Any, end: int) -> Any:
+        if self.compiled_step is not None and tokens.shape[0] <= self.compiled_step.max_batch:
+            return self.compiled_step(tokens, positions, self.key_positions, self.caches)
+        # Eager attention reads exactly the positions written so far.
+        return self.model(tokens, positions, self.key_positions[:end], self.caches)
 
     def copy_slot(self, source: int, target: int) -> None:
         import torch
@@ -100,7 +106,7 @@ class TorchRunner(Runner):
         self.slot_lengths[target] = used
 
     def close(self) -> None:
-        self.model = self.decode_step = None
+        self.model = self.compiled_step = None
         self.caches = []
 
 
@@ -123,30 +129,6 @@ def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
           f"{context_length * bytes_per_position / 2**30:,.1f} GiB of KV cache; this run holds "
           f"{capped:,} (half of this machine's memory; -b context_length N chooses fewer)", file=sys.stderr)
     return capped
-
-
-def compile_decode_step(runner: TorchRunner) -> Any:
-    """torch.compile of the model's forward for one-token steps, compiled now rather than in the
-    middle of the first reply. On CPU, matmuls get inductor's own kernels (max-autotune), about
-    twice oneDNN's speed for these matrix-vector products."""
-    import sys
-    import warnings
-
-    import torch
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True  # weights become constants inductor can pack and fold
-    inductor.autotune_num_choices_displayed = 0  # keep autotuning's tables off the user's terminal
-    inductor.max_autotune_report_choices_stats = False
-    if runner.device == "cpu":
-        inductor.max_autotune = True
-        inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    step = torch.compile(runner.model, dynamic=True)
-    print("influence: compiling the decode step (tens of seconds; once per process)", file=sys.stderr)
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        step(runner.one_token, runner.one_position + 1, runner.key_positions[:2], runner.caches)
-    return step
 
 
 class TorchBackend(Backend):
@@ -200,13 +182,20 @@ class TorchBackend(Backend):
             from .tensor_parallel import load_tensor_parallel
 
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
+        from .compiled import artifact_path, load_step, prepare_step, step_key
         from .linear import float_weights_left_for_inductor, return_freed_memory
 
-        compiled = bool(options.get("compile"))
+        # A compiled step is used when asked for (and built if missing), or whenever one was built
+        # before (`influence prepare`); without one, every step runs eager.
+        key = step_key(fingerprint(source.path), dtype, device)
+        compiled = bool(options.get("compile")) or (artifact_path(key) / "key.json").is_file()
+        # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
             model = architecture.build(source.config, source.weights(), device, dtype)
         return_freed_memory()
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
-        if compiled:
-            runner.decode_step = compile_decode_step(runner)
+        if options.get("compile"):
+            runner.compiled_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
+        elif compiled:
+            runner.compiled_step = load_step(key)
         return runner

@@ -36,8 +36,9 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.
 DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")]
 CompileOption = Annotated[bool, typer.Option(
-    "--compile", help="Compile the decode step (torch backend): the first run compiles for tens of seconds, "
-                      "then decode is about twice as fast on CPU.")]
+    "--compile", help="Use the torch backend's compiled decode step, building it into the store first if it "
+                      "is not there (a minute or more, once; `influence prepare` does it ahead of time). "
+                      "Runs use a step built before without this flag.")]
 
 
 def _version_callback(value: bool) -> None:

@@ -152,14 +152,15 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
     example = (torch.zeros((2, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]], device=device),
                torch.arange(256, device=device), [part for cache in caches(2, 256) for part in cache])
     shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
-    with torch.no_grad(), _phase("exporting the graph"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing a user can act on
-        exported = torch.export.export(_Step(model), example, dynamic_shapes=shapes, strict=False)
-    with atomic_directory(directory) as partial:
-        with _phase("compiling native code (the long part)"):
-            aoti_compile_and_package(exported, package_path=str(partial / PACKAGE),
-                                     inductor_configs={"freezing": True})
-        (partial / KEY_FILE).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
+        with torch.no_grad(), _phase("exporting the graph"):
+            exported = torch.export.export(_Step(model), example, dynamic_shapes=shapes, strict=False)
+        with atomic_directory(directory) as partial:
+            with _phase("compiling native code (the long part)"):
+                aoti_compile_and_package(exported, package_path=str(partial / PACKAGE),
+                                         inductor_configs={"freezing": True})
+            (partial / KEY_FILE).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
     seconds = time.perf_counter() - started
     _record_build_time(key["weight_format"], seconds)
     print(f"influence: compiled in {seconds:.0f} s", file=sys.stderr)

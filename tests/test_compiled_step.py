@@ -143,9 +143,9 @@ def test_a_built_step_gives_the_eager_logits_and_later_runs_load_it(tiny_models,
     invalidation by changed weights."""
     path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
     built = influence.load(path, device="cpu", dtype="float32", compiled=True, max_batch=3)
-    assert built.runner.compiled_step is not None
+    assert built.runner.graph_step is not None
     eager = influence.load(path, device="cpu", dtype="float32", max_batch=3)
-    eager.runner.compiled_step = None
+    eager.runner.graph_step = None
     for runner in (built.runner, eager.runner):
         runner.forward(PROMPT, 0)
         runner.forward(PROMPT[:5], 0, slot=1)
@@ -156,7 +156,7 @@ def test_a_built_step_gives_the_eager_logits_and_later_runs_load_it(tiny_models,
     batch = ([4, 5, 6], [len(PROMPT) + 6, 5, 2])
     assert torch.allclose(built.runner.decode_batch(*batch), eager.runner.decode_batch(*batch), atol=1e-5, rtol=0)
 
-    assert influence.load(path, device="cpu", dtype="float32").runner.compiled_step is not None
+    assert influence.load(path, device="cpu", dtype="float32").runner.graph_step is not None
     weights = path / "model.safetensors"
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # new weights: a new key
-    assert influence.load(path, device="cpu", dtype="float32").runner.compiled_step is None
+    assert influence.load(path, device="cpu", dtype="float32").runner.graph_step is None

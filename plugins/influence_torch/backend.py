@@ -18,7 +18,7 @@ KV_MEMORY_SHARE = 0.5  # at most this share of the machine's memory goes to a co
 class TorchRunner(Runner):
     """Drives a `Llama`: owns its KV cache (grown in powers of two as positions are reached, never
     sized to the model's advertised context up front) and runs each call through the eager
-    model, and single-token and batched decode through the compiled step when one is loaded."""
+    model, and single-token and batched decode through `graph_step` when there is one."""
 
     def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
         import torch
@@ -30,8 +30,10 @@ class TorchRunner(Runner):
         self.slot_lengths = [0] * max_batch  # positions written in each slot, for copy_slot
         self.caches = model.new_caches(max_batch, min(FIRST_CAPACITY, self.context_length))
         self.key_positions = torch.arange(self.capacity, device=device)
-        # One-token steps (single and batched) run this instead of the eager model when set.
-        self.compiled_step: Any = None
+        # When set, one-token steps (single and batched) run this instead of the eager model: the
+        # compiled package, or a CUDA graph. It attends over the cache's whole capacity (masked), so
+        # one graph serves every position.
+        self.graph_step: Any = None
         # A single sequence's decode feeds one token at one position: reused, not rebuilt per token.
         self.one_token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.one_position = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -90,8 +92,8 @@ class TorchRunner(Runner):
             return self._decode(tokens, rows, end)[:, -1]
 
     def _decode(self, tokens: Any, positions: Any, end: int) -> Any:
-        if self.compiled_step is not None and tokens.shape[0] <= self.compiled_step.max_batch:
-            return self.compiled_step(tokens, positions, self.key_positions, self.caches)
+        if self.graph_step is not None and tokens.shape[0] <= self.graph_step.max_batch:
+            return self.graph_step(tokens, positions, self.key_positions, self.caches)
         # Eager attention reads exactly the positions written so far.
         return self.model(tokens, positions, self.key_positions[:end], self.caches)
 
@@ -106,7 +108,7 @@ class TorchRunner(Runner):
         self.slot_lengths[target] = used
 
     def close(self) -> None:
-        self.model = self.compiled_step = None
+        self.model = self.graph_step = None
         self.caches = []
 
 
@@ -195,7 +197,11 @@ class TorchBackend(Backend):
         return_freed_memory()
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
         if options.get("compile"):
-            runner.compiled_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
+            runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
         elif compiled:
-            runner.compiled_step = load_step(key)
+            runner.graph_step = load_step(key)
+        if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one
+            from .cuda_graphs import CudaGraphStep
+
+            runner.graph_step = CudaGraphStep(runner.graph_step or model)
         return runner

@@ -6,7 +6,10 @@ gate/up are fused into one matmul each. Weights arrive under Hugging Face names 
 translates to those), so this file is the whole mapping from a checkpoint to a running model.
 
 Decode runs one token through 30-odd layers, so the per-layer op count matters as much as the
-matmuls: norms are one fused call, and RoPE rotates q and k together in three ops.
+matmuls: norms are one fused call, and RoPE rotates q and k together in three ops. The forward
+pass is shaped for compilation (gpt-fast's shape): positions arrive as tensors, keys and values
+are written in place into caches the caller owns, and what the layers share is computed once per
+call, so the same code runs eager and as one exported graph (`compiled`).
 """
 
 from __future__ import annotations
@@ -168,9 +171,9 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """The causal-LM interface the torch backend drives: `forward` runs tokens at given positions
-    over a list of per-layer KV caches and returns float32 logits; `new_caches` / `grow_caches`
-    make those caches. The model holds no per-run state, so one compiled graph of `forward`
-    serves every run (see `compiled_step`)."""
+    over a list of per-layer KV caches and returns float32 logits; `new_caches` makes those caches.
+    The model holds no per-run state, so one compiled graph of `forward` serves every run (see
+    `compiled`)."""
 
     def __init__(self, config: ModelConfig, variant: LlamaVariant = LlamaVariant()) -> None:
         super().__init__()
@@ -189,8 +192,7 @@ class Llama(nn.Module):
     def kv_bytes_per_position(self) -> int:
         """Bytes the KV cache of all layers takes for one position of one sequence."""
         first = self.layers[0].attention
-        itemsize = torch.empty((), dtype=self.attention_dtype).element_size()
-        return len(self.layers) * 2 * first.n_kv_heads * first.head_dim * itemsize
+        return len(self.layers) * 2 * first.n_kv_heads * first.head_dim * self.attention_dtype.itemsize
 
     def new_caches(self, slots: int, capacity: int) -> list[KVCache]:
         device = self.embed_tokens.device

@@ -91,6 +91,10 @@ class FakePackage:
     def __init__(self, path: str) -> None:
         if open(path, "rb").read() != b"package":
             raise RuntimeError("not a package")
+        self.loader = self
+
+    def boxed_run(self, inputs):
+        return [inputs[0]]
 
 
 def fake_build(builds: list[float]):

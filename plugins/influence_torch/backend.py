@@ -199,7 +199,7 @@ class TorchBackend(Backend):
         if options.get("compile"):
             runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
         elif compiled:
-            runner.graph_step = load_step(key)
+            runner.graph_step = load_step(key, device)
         if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one
             from .cuda_graphs import CudaGraphStep
 

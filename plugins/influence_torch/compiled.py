@@ -80,14 +80,18 @@ class CompiledStep:
     """The loaded package, called like the eager `Llama.forward` for one-token steps. Its
     attention reads the cache's whole capacity (masked past each row's position), so one graph
     serves every position: the capacity doubles as runs grow, so a step reads at most twice the
-    positions it needs."""
+    positions it needs.
 
-    max_batch = MAX_BATCH
+    On CPU it takes single sequences only: batched, the eager step was as fast or faster
+    (docs/performance.md; a batch reads the weights once for all its rows, and the compiled
+    step's attention reads every row's whole cache). On CUDA its CUDA graphs serve every batch.
+    """
 
-    def __init__(self, package: Any) -> None:
+    def __init__(self, package: Any, device: str) -> None:
         # The package's own __call__ parses its input and output specs on every call; the inputs
         # here are always the same flat list of tensors, so call its runner directly.
         self.run = package.loader.boxed_run
+        self.max_batch = 1 if device == "cpu" else MAX_BATCH
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                  caches: list[KVCache]) -> torch.Tensor:
@@ -108,7 +112,7 @@ class _Step(torch.nn.Module):
         return self.model(tokens, positions, keys, [KVCache(*pair) for pair in zip(caches[0::2], caches[1::2])])
 
 
-def load_step(key: dict[str, str]) -> CompiledStep | None:
+def load_step(key: dict[str, str], device: str) -> CompiledStep | None:
     """The compiled step stored under ``key``, or None when there is none (or only a broken one)."""
     directory = artifact_path(key)
     try:
@@ -117,7 +121,7 @@ def load_step(key: dict[str, str]) -> CompiledStep | None:
     except (OSError, ValueError):
         return None
     try:
-        return CompiledStep(torch._inductor.aoti_load_package(str(directory / PACKAGE)))
+        return CompiledStep(torch._inductor.aoti_load_package(str(directory / PACKAGE)), device)
     except Exception as error:  # a truncated or foreign package fails in torch's own ways
         print(f"influence: the compiled decode step in {directory} does not load ({type(error).__name__}); "
               "it will be rebuilt", file=sys.stderr)
@@ -127,17 +131,17 @@ def load_step(key: dict[str, str]) -> CompiledStep | None:
 def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callable[[int, int], list[KVCache]],
                  label: str) -> CompiledStep:
     """Load the compiled step for ``key``, building it first if it is missing or broken."""
-    step = load_step(key)
+    step = load_step(key, device)
     if step is not None:
         return step
     directory = artifact_path(key)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory.with_name(directory.name + ".lock"))):
-        step = load_step(key)  # another process may have built it while this one waited
+        step = load_step(key, device)  # another process may have built it while this one waited
         if step is None:
             _build(model, key, device, caches, label)
             remove_stale(key)
-            step = load_step(key)
+            step = load_step(key, device)
     if step is None:
         raise BackendError(f"the compiled decode step built in {directory} does not load")
     return step

@@ -109,7 +109,7 @@ def fake_build(builds: list[float]):
     return build
 
 
-def test_two_builders_at_once_build_once(store, monkeypatch):
+def test_two_builders_at_once_build_once(store, monkeypatch, capsys):
     builds: list[float] = []
     monkeypatch.setattr(compiled, "_build", fake_build(builds))
     monkeypatch.setattr(torch._inductor, "aoti_load_package", FakePackage)
@@ -122,6 +122,7 @@ def test_two_builders_at_once_build_once(store, monkeypatch):
     for thread in threads:
         thread.join()
     assert len(builds) == 1 and len(steps) == 2
+    assert "another process is compiling" in capsys.readouterr().err
 
 
 def test_a_broken_or_foreign_artifact_is_rebuilt_not_trusted(store, monkeypatch, capsys):

@@ -189,7 +189,7 @@ class TorchBackend(Backend):
 
         # A compiled step is used when asked for (and built if missing), or whenever one was built
         # before (`influence prepare`); without one, every step runs eager.
-        key = step_key(fingerprint(source.path), dtype, device)
+        key = step_key(f"{architecture.name} {fingerprint(source.path)}", dtype, device)
         compiled = bool(options.get("compile")) or (artifact_path(key) / "key.json").is_file()
         # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from influence_core import store
 from influence_core.errors import BackendError
@@ -136,7 +136,7 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
         return step
     directory = artifact_path(key)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(directory.with_name(directory.name + ".lock"))):
+    with _build_lock(directory):
         step = load_step(key, device)  # another process may have built it while this one waited
         if step is None:
             _build(model, key, device, caches, label)
@@ -145,6 +145,20 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
     if step is None:
         raise BackendError(f"the compiled decode step built in {directory} does not load")
     return step
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    lock = FileLock(str(directory.with_name(directory.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print("influence: another process is compiling this decode step; waiting for it", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int, int], list[KVCache]],

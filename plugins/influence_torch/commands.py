@@ -21,9 +21,9 @@ def prepare(
                                             "int8, int4.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
-    """Compile the torch backend's decode step for a model and weight format into the store (a minute
-    or more, once). Later runs of that model and format load it and decode faster; without it they
-    run eager."""
+    """Compile the torch backend's decode step for a model and weight format into the store (minutes,
+    once). Later runs of that model and format load it for single-sequence decode (int4 measured
+    1.3-1.4x eager; float32 no faster: docs/performance.md); without it they run eager."""
     from influence_core.api import load
     from influence_core.errors import InfluenceError
 

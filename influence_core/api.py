@@ -87,8 +87,9 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     ``max_batch`` is how many sequences may decode together (serving). ``tensor_parallel`` splits the
     model across that many processes, this one among them (started by torchrun; see docs/scaling.md);
     None or 1 keeps it whole.
-    ``compiled`` asks the backend to compile its one-token decode step (torch: torch.compile; the
-    first call takes tens of seconds, then decode runs about twice as fast on CPU).
+    ``compiled`` asks the backend for its compiled one-token decode step (torch: an AOTInductor
+    package in the store, built the first time, a minute or more; runs load a package built before
+    without being asked).
     """
     started = time.perf_counter()
     for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch),

@@ -54,8 +54,9 @@ ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads f
 MaxTokensOption = Annotated[Optional[int], typer.Option(
     min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
 CompileOption = Annotated[bool, typer.Option(
-    "--compile", help="Compile the decode step (torch backend): the first run compiles for tens of seconds, "
-                      "then decode is about twice as fast on CPU.")]
+    "--compile", help="Use the torch backend's compiled decode step, building it into the store first if it "
+                      "is not there (a minute or more, once; `influence prepare` does it ahead of time). "
+                      "Runs use a step built before without this flag.")]
 
 
 def _in_range(text: str, wanted: str, inside: Callable[[float], bool]) -> float:

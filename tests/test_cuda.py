@@ -58,3 +58,22 @@ def test_an_absent_gpu_index_is_a_clear_error(tiny_model):
     missing = f"cuda:{torch.cuda.device_count()}"
     with pytest.raises(BackendError, match="not available"):
         influence.load(tiny_model, device=missing)
+
+
+def test_cuda_graph_decode_matches_eager_across_cache_growth(tmp_path):
+    from tiny_models import make_tiny_llama
+
+    path = make_tiny_llama(tmp_path / "model", max_position_embeddings=1024)
+    graphed = influence.load(path, device="cuda", dtype="float32", max_batch=2).runner
+    assert graphed.graph_step is not None
+    eager = influence.load(path, device="cuda", dtype="float32", max_batch=2).runner
+    eager.graph_step = None
+    for runner in (graphed, eager):
+        runner.forward(PROMPT_IDS, 0)
+        runner.forward(PROMPT_IDS[:3], 0, slot=1)
+    # Past 256 positions the cache grows, and the graphs are recorded again for the new one.
+    for position in range(len(PROMPT_IDS), 300):
+        token = [position % 400]
+        assert torch.allclose(graphed.forward(token, position), eager.forward(token, position), atol=1e-4), position
+    batch = ([5, 6], [300, 3])
+    assert torch.allclose(graphed.decode_batch(*batch), eager.decode_batch(*batch), atol=1e-4)

@@ -98,16 +98,3 @@ def test_quantized_formats_are_cpu_only():
 
     with pytest.raises(BackendError, match="CPU only"):
         TorchBackend().resolve_dtype("int4", "cuda:0")
-
-
-def test_compiled_decode_step_matches_eager(tiny_model):
-    eager = influence.load(tiny_model, dtype="float32")
-    compiled = influence.load(tiny_model, dtype="float32", compiled=True)
-    ids = [1, 17, 250, 33, 98]
-    expected = eager.runner.forward(ids, 0)
-    assert torch.allclose(compiled.runner.forward(ids, 0), expected, atol=1e-5)
-    for position, token in enumerate([5, 77, 310, 12], start=len(ids)):
-        assert torch.allclose(compiled.runner.forward([token], position), eager.runner.forward([token], position),
-                              atol=1e-4)
-    assert (compiled.generate(ids, max_tokens=24, temperature=0).token_ids
-            == eager.generate(ids, max_tokens=24, temperature=0).token_ids)

@@ -166,7 +166,8 @@ class OnnxRunner(Runner):
         self.names = [(f"past_key_values.{layer}.{part}", f"present.{layer}.{part}")
                       for layer in range(self.layers) for part in ("key", "value")]
         self.binding = session.io_binding()
-        self.mask = np.ones((1, context_length), dtype=np.int64)  # no padding: every position is attended
+        # No padding: every position is attended. Sized with the cache, never to the model's context.
+        self.mask = np.ones((1, 0), dtype=np.int64)
         self.length = 0  # positions held in the cache
         self.capacity = 0  # positions the buffers can hold
         self.current: list[Any] = []  # per (layer, key/value): the buffer holding the cache
@@ -204,6 +205,8 @@ class OnnxRunner(Runner):
     def _fit_cache(self, start_pos: int, end: int) -> None:
         """Keep the first ``start_pos`` cached positions (dropping any after: a rewind) in buffers
         that can hold ``end``."""
+        import numpy as np
+
         grow = end > self.capacity
         if start_pos == self.length and not grow:
             return
@@ -213,6 +216,8 @@ class OnnxRunner(Runner):
         if start_pos:
             self._copy_positions(start_pos, target, capacity)
         self.current, self.spare = target, self._allocate(capacity) if grow else self.current
+        if grow:
+            self.mask = np.ones((1, capacity), dtype=np.int64)
         self.capacity, self.length = capacity, start_pos
 
     def _copy_positions(self, count: int, target: list[Any], capacity: int) -> None:

@@ -8,79 +8,129 @@ from typing import Any
 
 from influence_core.errors import BackendError, ContextLengthError
 from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
+from influence_core.store import fingerprint
+
+
+FIRST_CAPACITY = 256  # KV positions a runner starts with; the cache doubles from there as runs need
+KV_MEMORY_SHARE = 0.5  # at most this share of the machine's memory goes to a context-sized KV cache
 
 
 class TorchRunner(Runner):
-    def __init__(self, model: Any, device: str, context_length: int, max_batch: int, compiled: bool = False) -> None:
+    """Drives a `Llama`: owns its KV cache (grown in powers of two as positions are reached, never
+    sized to the model's advertised context up front) and runs each call through the eager
+    model, and single-token and batched decode through `graph_step` when there is one."""
+
+    def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
         import torch
 
         self.model = model
         self.device = device
-        self.context_length = context_length
+        self.context_length = fit_context_to_memory(context_length, max_batch * model.kv_bytes_per_position())
         self.max_batch = max_batch
-        with torch.inference_mode():
-            model.ensure_capacity(2, max_batch)  # every slot up front: a cache that moves recompiles
-        # The one-token decode step is where per-op overhead dominates; compile just that path.
-        self.decode_step = compile_decode_step(model, device) if compiled else model
+        self.slot_lengths = [0] * max_batch  # positions written in each slot, for copy_slot
+        self.caches = model.new_caches(max_batch, min(FIRST_CAPACITY, self.context_length))
+        self.key_positions = torch.arange(self.capacity, device=device)
+        # When set, one-token steps (single and batched) run this instead of the eager model: the
+        # compiled package, or a CUDA graph. It attends over the cache's whole capacity (masked), so
+        # one graph serves every position.
+        self.graph_step: Any = None
+        # A single sequence's decode feeds one token at one position: reused, not rebuilt per token.
+        self.one_token = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.one_position = torch.zeros((1, 1), dtype=torch.long, device=device)
 
-    def _check(self, end: int, slots: int) -> None:
+    @property
+    def capacity(self) -> int:
+        return self.caches[0].k.shape[2]
+
+    def _prepare(self, end: int, slots: int) -> None:
+        """Check a call reaching position ``end`` in ``slots`` slots, and grow the cache to hold it."""
         if end > self.context_length:
             raise ContextLengthError(f"position {end} is past the context length {self.context_length}")
         if slots > self.max_batch:
             raise BackendError(f"slot {slots - 1} is past this runner's {self.max_batch} slots")
+        if end > self.capacity:
+            self._grow(min(1 << (end - 1).bit_length(), self.context_length))
+
+    def _grow(self, capacity: int) -> None:
+        import torch
+
+        used = max(self.slot_lengths)
+        grown = self.model.new_caches(self.max_batch, capacity)
+        for old, new in zip(self.caches, grown):
+            new.k[:, :, :used] = old.k[:, :, :used]
+            new.v[:, :, :used] = old.v[:, :, :used]
+        self.caches = grown
+        self.key_positions = torch.arange(capacity, device=self.device)
 
     def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False, slot: int = 0) -> Any:
         import torch
 
-        self._check(start_pos + len(token_ids), slot + 1)
+        end = start_pos + len(token_ids)
+        self._prepare(end, slot + 1)
+        self.slot_lengths[slot] = end
         with torch.inference_mode():
-            self.model.ensure_capacity(start_pos + len(token_ids), self.max_batch)
+            if len(token_ids) == 1 and not all_logits and slot == 0:
+                self.one_token.fill_(token_ids[0])
+                self.one_position.fill_(start_pos)
+                return self._decode(self.one_token, self.one_position, end)[0, -1]
             tokens = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
-            step = self.decode_step if len(token_ids) == 1 and not all_logits else self.model
-            logits = step(tokens, start_pos, last_only=not all_logits, first_slot=slot)
+            positions = self.key_positions[start_pos:end][None]
+            logits = self.model(tokens, positions, self.key_positions[:end], self.caches, first_slot=slot,
+                                last_only=not all_logits)
         return logits[0] if all_logits else logits[0, -1]
 
     def decode_batch(self, token_ids: Sequence[int], positions: Sequence[int]) -> Any:
         import torch
 
-        self._check(max(positions) + 1, len(token_ids))
+        end = max(positions) + 1
+        self._prepare(end, len(token_ids))
+        for slot, position in enumerate(positions):
+            self.slot_lengths[slot] = position + 1
         with torch.inference_mode():
-            self.model.ensure_capacity(max(positions) + 1, self.max_batch)
             tokens = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
-            return self.model(tokens, list(positions))[:, -1]
+            rows = torch.tensor(list(positions), dtype=torch.long, device=self.device)[:, None]
+            return self._decode(tokens, rows, end)[:, -1]
+
+    def _decode(self, tokens: Any, positions: Any, end: int) -> Any:
+        if self.graph_step is not None and tokens.shape[0] <= self.graph_step.max_batch:
+            return self.graph_step(tokens, positions, self.key_positions, self.caches)
+        # Eager attention reads exactly the positions written so far.
+        return self.model(tokens, positions, self.key_positions[:end], self.caches)
 
     def copy_slot(self, source: int, target: int) -> None:
         import torch
 
+        used = self.slot_lengths[source]  # only what the source sequence wrote
         with torch.inference_mode():
-            self.model.copy_slot(source, target)
+            for cache in self.caches:
+                cache.k[target, :, :used] = cache.k[source, :, :used]
+                cache.v[target, :, :used] = cache.v[source, :, :used]
+        self.slot_lengths[target] = used
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.graph_step = None
+        self.caches = []
 
 
-def compile_decode_step(model: Any, device: str) -> Any:
-    """torch.compile of the model's forward for one-token steps, compiled now rather than in the
-    middle of the first reply. On CPU, matmuls get inductor's own kernels (max-autotune), about
-    twice oneDNN's speed for these matrix-vector products."""
+def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
+    """The context a run can hold: the model's (or the user's) unless its KV cache would take more
+    than `KV_MEMORY_SHARE` of this machine's memory, in which case less, with a notice."""
+    import os
     import sys
-    import warnings
 
-    import torch
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True  # weights become constants inductor can pack and fold
-    inductor.autotune_num_choices_displayed = 0  # keep autotuning's tables off the user's terminal
-    inductor.max_autotune_report_choices_stats = False
-    if device == "cpu":
-        inductor.max_autotune = True
-        inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    step = torch.compile(model, dynamic=True)
-    print("influence: compiling the decode step (tens of seconds; once per process)", file=sys.stderr)
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        step(torch.zeros((1, 1), dtype=torch.long, device=device), 1, last_only=True, first_slot=0)
-    return step
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    affordable = int(memory * KV_MEMORY_SHARE) // bytes_per_position
+    if context_length <= affordable:
+        return context_length
+    if affordable < FIRST_CAPACITY:
+        raise BackendError(f"the KV cache needs {bytes_per_position / 2**20:.1f} MiB per position, so even "
+                           f"{FIRST_CAPACITY} positions do not fit in half of this machine's "
+                           f"{memory / 2**30:.1f} GiB; use a smaller -b max_batch")
+    capped = affordable // FIRST_CAPACITY * FIRST_CAPACITY
+    print(f"influence: the model's context of {context_length:,} positions would need "
+          f"{context_length * bytes_per_position / 2**30:,.1f} GiB of KV cache; this run holds "
+          f"{capped:,} (half of this machine's memory; -b context_length N chooses fewer)", file=sys.stderr)
+    return capped
 
 
 class TorchBackend(Backend):
@@ -134,10 +184,24 @@ class TorchBackend(Backend):
             from .tensor_parallel import load_tensor_parallel
 
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
+        from .compiled import artifact_path, load_step, prepare_step, step_key
         from .linear import float_weights_left_for_inductor, return_freed_memory
 
-        compiled = bool(options.get("compile"))
+        # A compiled step is used when asked for (and built if missing), or whenever one was built
+        # before (`influence prepare`); without one, every step runs eager.
+        key = step_key(f"{architecture.name} {fingerprint(source.path)}", dtype, device)
+        compiled = bool(options.get("compile")) or (artifact_path(key) / "key.json").is_file()
+        # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
             model = architecture.build(source.config, source.weights(), device, dtype)
         return_freed_memory()
-        return TorchRunner(model, device, context_length, max_batch=max_batch, compiled=compiled)
+        runner = TorchRunner(model, device, context_length, max_batch=max_batch)
+        if options.get("compile"):
+            runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
+        elif compiled:
+            runner.graph_step = load_step(key, device)
+        if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one
+            from .cuda_graphs import CudaGraphStep
+
+            runner.graph_step = CudaGraphStep(runner.graph_step or model)
+        return runner

@@ -6,13 +6,17 @@ gate/up are fused into one matmul each. Weights arrive under Hugging Face names 
 translates to those), so this file is the whole mapping from a checkpoint to a running model.
 
 Decode runs one token through 30-odd layers, so the per-layer op count matters as much as the
-matmuls: norms are one fused call, and RoPE rotates q and k together in three ops.
+matmuls: norms are one fused call, and RoPE rotates q and k together in three ops. The forward
+pass is shaped for compilation (gpt-fast's shape): positions arrive as tensors, keys and values
+are written in place into caches the caller owns, and what the layers share is computed once per
+call, so the same code runs eager and as one exported graph (`compiled`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and scale in the model dtype, exactly as transformers does.
+        if x.dtype == torch.float32:
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -73,52 +79,40 @@ class LlamaVariant:
     sliding_window: int | None = None  # attend to at most this many most recent positions
 
 
-@dataclass
-class Step:
-    """Where one forward call's tokens sit: batch row i is cache slot ``first_slot + i``.
+class StepTensors(NamedTuple):
+    """What every layer of one forward call shares, built once per call from its positions."""
 
-    Either every row starts at ``start`` (prefill, single-sequence decode), or each row holds one
-    token at its own position ``row_positions[i]`` (batched decode of independent sequences).
-    """
-
+    cos: torch.Tensor  # [batch, length, 1, head_dim]
+    sin: torch.Tensor  # the same, with the first half negated (rotate_half's sign)
+    mask: torch.Tensor  # [batch, 1, length, keys]: which cached positions each query sees
+    rows: torch.Tensor  # [batch, 1, 1]: the cache slot of each row
+    heads: torch.Tensor  # [1, kv_heads, 1]
+    positions: torch.Tensor  # [batch, 1, length]
     first_slot: int
-    start: int
-    end: int  # one past the last position any row reaches
-    first_key: int  # the oldest cached position any query can see (sliding-window attention)
-    cos: torch.Tensor
-    sin: torch.Tensor
-    mask: torch.Tensor | None
-    row_positions: torch.Tensor | None = None
 
 
-class KVCache(nn.Module):
-    def __init__(self, slots: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
-        super().__init__()
+class KVCache(NamedTuple):
+    """One layer's keys and values, [slots, kv_heads, capacity, head_dim] each. Positions not yet
+    written hold zeros: a batch row reads (masked) positions past its own, and uninitialised
+    memory there could hold NaN, which a zero attention weight does not cancel."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def zeros(cls, slots: int, n_kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str) -> KVCache:
         shape = (slots, n_kv_heads, capacity, head_dim)
-        # Left unwritten: `Llama.ensure_capacity` clears positions before any step can read them.
-        self.register_buffer("k", torch.empty(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.empty(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def clear(self, start: int, end: int) -> None:
-        self.k[:, :, start:end] = 0
-        self.v[:, :, start:end] = 0
-
-    def update(self, step: Step, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's keys and values; return the rows' caches up to the step's end."""
-        rows = slice(step.first_slot, step.first_slot + k.shape[0])
-        if step.row_positions is None:
-            self.k[rows, :, step.start:step.start + k.shape[2]] = k
-            self.v[rows, :, step.start:step.start + k.shape[2]] = v
-        else:
-            batch = torch.arange(k.shape[0], device=k.device)
-            self.k[rows][batch, :, step.row_positions] = k[:, :, 0]
-            self.v[rows][batch, :, step.row_positions] = v[:, :, 0]
-        return self.k[rows, :, step.first_key:step.end], self.v[rows, :, step.first_key:step.end]
-
-    def copy_slot(self, source: int, target: int) -> None:
-        self.k[target] = self.k[source]
-        self.v[target] = self.v[source]
+    def update(self, step: StepTensors, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys and values at their positions; return the rows' caches over the
+        step's keys."""
+        index = (step.rows, step.heads, step.positions)
+        self.k.index_put_(index, k)
+        self.v.index_put_(index, v)
+        rows, keys = slice(step.first_slot, step.first_slot + k.shape[0]), step.mask.shape[-1]
+        return self.k[rows, :, :keys], self.v[rows, :, :keys]
 
 
 def _pick(choice: bool | None, default: bool) -> bool:
@@ -135,22 +129,20 @@ class Attention(nn.Module):
                               bias=_pick(variant.qkv_bias, config.attention_bias))
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.hidden_size,
                             bias=_pick(variant.output_bias, config.attention_bias))
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.wqkv(x).view(batch, length, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         # The cache's dtype is the attention dtype (float32 on CPU, where bfloat16 attention is slow).
-        qkv = qkv.to(self.kv_cache.k.dtype)
+        if qkv.dtype != cache.k.dtype:
+            qkv = qkv.to(cache.k.dtype)
         rotated = apply_rope(qkv[:, :, :self.n_heads + self.n_kv_heads], step.cos, step.sin).transpose(1, 2)
         q, k = rotated.split([self.n_heads, self.n_kv_heads], dim=1)
         v = qkv[:, :, self.n_heads + self.n_kv_heads:].transpose(1, 2)
-        k, v = self.kv_cache.update(step, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.mask, is_causal=step.mask is None and length > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
-        return self.wo(y.transpose(1, 2).reshape(batch, length, -1).to(x.dtype))
+        k, v = cache.update(step, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(batch, length, -1)
+        return self.wo(y if y.dtype == x.dtype else y.to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -172,14 +164,16 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), step)
+    def forward(self, x: torch.Tensor, step: StepTensors, cache: KVCache) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), step, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """The causal-LM interface the torch backend drives: `ensure_capacity` sizes the KV cache,
-    `forward` returns float32 logits, `copy_slot` moves a sequence between cache slots."""
+    """The causal-LM interface the torch backend drives: `forward` runs tokens at given positions
+    over a list of per-layer KV caches and returns float32 logits; `new_caches` makes those caches.
+    The model holds no per-run state, so one compiled graph of `forward` serves every run (see
+    `compiled`)."""
 
     def __init__(self, config: ModelConfig, variant: LlamaVariant = LlamaVariant()) -> None:
         super().__init__()
@@ -191,101 +185,54 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(config, variant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.activation_dtype = torch.float32
         self.attention_dtype = torch.float32
-        self.cleared_to = 0  # positions cleared (or written) in every cache slot
-        self.rope_cos: torch.Tensor | None = None
-        self.rope_sin: torch.Tensor | None = None
 
-    def cache_shape(self) -> tuple[int, int]:
-        """(slots, positions) the KV cache holds now."""
-        cache = self.layers[0].attention.kv_cache
-        return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
+    def kv_bytes_per_position(self) -> int:
+        """Bytes the KV cache of all layers takes for one position of one sequence."""
+        first = self.layers[0].attention
+        return len(self.layers) * 2 * first.n_kv_heads * first.head_dim * self.attention_dtype.itemsize
 
-    def ensure_capacity(self, length: int, slots: int = 1) -> None:
-        """Make the KV cache hold ``length`` positions in each of ``slots`` independent sequences.
-
-        Positions are cleared before any step can read them: a batch row reads (masked) positions
-        past its own, and uninitialised memory there could hold NaN, which a zero attention weight
-        does not cancel. On CPU the whole context is reserved at once, since untouched memory costs
-        nothing until cleared or written, and a cache that never moves keeps a compiled decode step
-        valid; elsewhere the cache grows by doubling, keeping its contents.
-        """
-        old_slots, old_length = self.cache_shape()
-        if slots > old_slots or length > old_length:
-            context = self.config.context_length
-            capacity = context if self.embed_tokens.device.type == "cpu" else min(max(length, 2 * old_length, 256), context)
-            self._allocate(max(slots, old_slots), max(capacity, old_length))
-        if length > self.cleared_to:
-            end = min(max(length, 2 * self.cleared_to, 256), self.cache_shape()[1])
-            for layer in self.layers:
-                layer.attention.kv_cache.clear(self.cleared_to, end)
-            self.cleared_to = end
-
-    def _allocate(self, slots: int, capacity: int) -> None:
-        old_slots = self.cache_shape()[0]
+    def new_caches(self, slots: int, capacity: int) -> list[KVCache]:
         device = self.embed_tokens.device
-        for layer in self.layers:
-            attention = layer.attention
-            cache = KVCache(slots, attention.n_kv_heads, capacity, attention.head_dim, self.attention_dtype, device)
-            if attention.kv_cache is not None:
-                cache.k[:old_slots, :, :self.cleared_to] = attention.kv_cache.k[:, :, :self.cleared_to]
-                cache.v[:old_slots, :, :self.cleared_to] = attention.kv_cache.v[:, :, :self.cleared_to]
-            attention.kv_cache = cache
-        if slots > old_slots:  # new slots hold nothing yet: clear what the others have cleared
-            for layer in self.layers:
-                layer.attention.kv_cache.k[old_slots:, :, :self.cleared_to] = 0
-                layer.attention.kv_cache.v[old_slots:, :, :self.cleared_to] = 0
-        positions = torch.arange(capacity, dtype=torch.float32, device=device)
-        angles = torch.outer(positions, rope_inverse_frequencies(self.config).to(device))
-        # Shaped [position, 1 (heads), head_dim] to broadcast over the heads of [batch, seq, heads, dim].
-        self.rope_cos = torch.cat((angles, angles), dim=-1).cos()[:, None].to(self.attention_dtype)
-        sin = angles.sin()
-        self.rope_sin = torch.cat((-sin, sin), dim=-1)[:, None].to(self.attention_dtype)
+        return [KVCache.zeros(slots, layer.attention.n_kv_heads, capacity, layer.attention.head_dim,
+                              self.attention_dtype, device) for layer in self.layers]
 
-    def copy_slot(self, source: int, target: int) -> None:
-        for layer in self.layers:
-            layer.attention.kv_cache.copy_slot(source, target)
-
-    def step(self, length: int, start: int | list[int], first_slot: int) -> Step:
-        device = self.embed_tokens.device
-        window = self.variant.sliding_window
-        if isinstance(start, int):
-            end = start + length
-            # With a sliding window, keys older than the first query's window are never read.
-            first_key = max(0, start - window + 1) if window else 0
-            mask = None
-            if length > 1 and (start > 0 or (window and length > window)):
-                mask = self.visible_keys(torch.arange(start, end, device=device)[:, None], first_key, end)
-            return Step(first_slot, start, end, first_key, self.rope_cos[start:end], self.rope_sin[start:end], mask)
-        positions = torch.tensor(start, device=device)
-        end = max(start) + 1
-        first_key = max(0, min(start) - window + 1) if window else 0
-        # Each row decodes its own sequence: it sees its own cache up to its own position only.
-        mask = self.visible_keys(positions[:, None], first_key, end)[:, None, None, :]
-        return Step(first_slot, 0, end, first_key, self.rope_cos[positions][:, None],
-                    self.rope_sin[positions][:, None], mask, row_positions=positions)
-
-    def visible_keys(self, queries: torch.Tensor, first_key: int, end: int) -> torch.Tensor:
-        """Which cached positions ``first_key..end-1`` each query position may attend to."""
-        keys = torch.arange(first_key, end, device=queries.device)[None, :]
-        visible = keys <= queries
-        if self.variant.sliding_window:
-            visible &= keys > queries - self.variant.sliding_window
-        return visible
-
-    def forward(self, tokens: torch.Tensor, start: int | list[int], last_only: bool = True,
-                first_slot: int = 0) -> torch.Tensor:
-        """Logits for ``tokens`` [batch, length] in cache slots ``first_slot...``. ``start`` is one
-        position shared by every row, or a list with each row's position when each row decodes one
-        token of its own sequence."""
-        step = self.step(tokens.shape[1], start, first_slot)
-        x = F.embedding(tokens, self.embed_tokens).to(self.activation_dtype)
-        for layer in self.layers:
-            x = layer(x, step)
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, caches: list[KVCache],
+                first_slot: int = 0, last_only: bool = True) -> torch.Tensor:
+        """Logits for ``tokens`` [batch, length], each at its position in ``positions`` [batch, length],
+        batch row i in cache slot ``first_slot + i``. Attention reads the cache's positions
+        ``keys`` (``arange(n)``: the first n positions, n at least one past the last position),
+        so a caller chooses how much of the cache a step reads."""
+        step = self.step_tensors(positions, keys, first_slot, tokens.shape[0])
+        x = F.embedding(tokens, self.embed_tokens)
+        if x.dtype != self.activation_dtype:
+            x = x.to(self.activation_dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, step, cache)
         if last_only:
             x = x[:, -1:]
-        return self.output(self.norm(x)).float()
+        logits = self.output(self.norm(x))
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def step_tensors(self, positions: torch.Tensor, keys: torch.Tensor, first_slot: int, batch: int) -> StepTensors:
+        """What every layer of one step shares: the rotations for ``positions``, which keys each
+        query sees, and where the step's keys and values go in the cache."""
+        angles = positions[..., None].to(self.inv_freq.dtype) * self.inv_freq
+        cos, sin = angles.cos(), angles.sin()
+        # Shaped [batch, seq, 1 (heads), head_dim] to broadcast over the heads of [batch, seq, heads, dim].
+        cos = torch.cat((cos, cos), dim=-1)[:, :, None]
+        signed_sin = torch.cat((-sin, sin), dim=-1)[:, :, None]
+        if cos.dtype != self.attention_dtype:
+            cos, signed_sin = cos.to(self.attention_dtype), signed_sin.to(self.attention_dtype)
+        visible = keys <= positions[..., None]
+        if self.variant.sliding_window:
+            visible &= keys > positions[..., None] - self.variant.sliding_window
+        rows = torch.arange(first_slot, first_slot + batch, device=positions.device)
+        heads = torch.arange(self.layers[0].attention.n_kv_heads, device=positions.device)
+        return StepTensors(cos, signed_sin, visible[:, None], rows[:, None, None], heads[None, :, None],
+                           positions[:, None, :], first_slot)
 
 
 def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
@@ -355,6 +302,7 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
                                f"but the config implies {(config.vocab_size, config.hidden_size)}")
     model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
     load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
+    model.inv_freq = rope_inverse_frequencies(config).to(device)
     model.activation_dtype = compute_dtype
     # bfloat16 attention is several times slower than float32 on CPU; on GPUs it is the fast path.
     model.attention_dtype = torch.float32 if device == "cpu" else compute_dtype

@@ -33,7 +33,10 @@ ModelOption = Annotated[Optional[str], typer.Option(
                           "Without -m or -p: the default model (`influence models default`).")]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
+DtypeOption = Annotated[str, typer.Option(
+    help="auto (on CPU the file's own precision: int4 for a 4-bit GGUF, int8 for Q8_0, bfloat16 for a 16-bit "
+         "checkpoint where the CPU has bfloat16 arithmetic, else float32; bfloat16 on GPUs), float32, bfloat16, "
+         "float16, int8, int4.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads for the backend.")]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Compile the decode step (torch backend): the first run compiles for tens of seconds, "
@@ -161,7 +164,7 @@ def generate(
         print(json.dumps({
             "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "seed": result.seed, "backend": model.backend, "device": model.device, "dtype": model.dtype,
-            "model": str(model.source.path), "load_s": round(model.load_seconds, 6), **result.stats.as_dict(),
+            "weight_format": model.weight_format, "model": str(model.source.path), "load_s": round(model.load_seconds, 6), **result.stats.as_dict(),
         }, ensure_ascii=False))
         return
     if not streaming:
@@ -217,7 +220,7 @@ def _print_stats(result, model) -> None:
     print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
           f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
           f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
-          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.dtype}", file=sys.stderr)
+          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.weight_format}", file=sys.stderr)
 
 
 @app.command()

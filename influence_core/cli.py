@@ -484,6 +484,48 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
 
 
 @app.command()
+def perplexity(
+    text_file: Annotated[Path, typer.Argument(help="A text file (UTF-8) to score.")],
+    model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
+    backend: BackendOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    context: Annotated[int, typer.Option(min=2, help="Tokens per chunk; the second half of each is scored.")] = 512,
+    against: Annotated[Optional[str], typer.Option(
+        metavar="DTYPE", help="Also run the model in DTYPE (e.g. float32) on the same chunks and report the KL "
+                              "divergence from it and the top-1 agreement with it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity over a text file (llama-perplexity's chunks), and the drift from another format."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .perplexity import measure
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InfluenceError(f"cannot read {text_file} as UTF-8 text: {getattr(error, 'strerror', None) or error}") from None
+    model = _load(model_path, model_name, backend, device, dtype, threads)
+    reference = _load(model_path, model_name, backend, device, against, threads) if against else None
+    with Progress(transient=True, console=Console(stderr=True), disable=as_json) as bar:
+        task = bar.add_task("scoring chunks", total=None)
+        result = measure(model, text, context, reference, lambda done, total: bar.update(task, completed=done,
+                                                                                          total=total))
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    line = (f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.chunks} chunks of "
+            f"{result.context}) | {model.backend} {model.device} {result.weight_format}")
+    if reference is not None:
+        line += (f"\nagainst {result.against}: perplexity {result.reference_perplexity:.4f}, KL divergence "
+                 f"{result.kl_divergence:.6f}, top-1 agreement {100 * result.top1_agreement:.2f}%")
+    print(line)
+
+
+@app.command()
 def convert(
     source: Annotated[Path, typer.Argument(help="A model in any format a loader reads, e.g. MODEL.gguf.")],
     out_dir: Annotated[Path, typer.Argument(help="The Hugging Face directory to write.")],

@@ -399,10 +399,13 @@ def bench(
     model_path: ModelPathOption = None,
     model_name: ModelOption = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to measure; NAME:DTYPE for one dtype.")] = "torch",
-    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
+    dtypes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4. Default: float32; with --cli, auto.")] = None,
     device: DeviceOption = "cpu",
     threads: Annotated[int, typer.Option(help="Threads for every engine.")] = os.cpu_count() or 1,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", help="Prompt length for pp.")] = 128,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", "-n", help="Prompt length for pp (default 128; not with --cli, which sends a chat "
+                                      "prompt).")] = None,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", help="Greedy tokens for tg.")] = 128,
     repetitions: Annotated[int, typer.Option("--repetitions", "-r", help="Runs per engine (median and spread).")] = 3,
     reference: Annotated[bool, typer.Option("--reference", help="Also measure transformers, optimum's "
@@ -410,6 +413,12 @@ def bench(
     compiled: Annotated[bool, typer.Option("--compile", help="Also measure the torch backend with its decode "
                                            "step compiled (compilation itself is not timed).")] = False,
     gguf: Annotated[Optional[Path], typer.Option(help="GGUF file for llama.cpp (default: the default model's).")] = None,
+    cli_mode: Annotated[bool, typer.Option("--cli", help="Time whole `influence generate` processes (start-up, "
+                                           "loading, sampling and detokenization included; -g tokens of a chat "
+                                           "prompt), rounds alternating, beside a whole llama-cpp-python process "
+                                           "with --reference.")] = False,
+    reference_python: Annotated[Optional[Path], typer.Option(
+        help="With --cli: the Python interpreter that has llama-cpp-python (default: this one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
@@ -417,6 +426,14 @@ def bench(
     from .api import open_default_model, open_source
     from .store import installed_default_gguf
 
+    if cli_mode:
+        _bench_processes(model_path, model_name, backends, dtypes or "auto", device, threads, prompt_tokens,
+                         gen_tokens, repetitions, reference, compiled, gguf, reference_python, as_json)
+        return
+    if reference_python is not None:
+        raise InfluenceError("--reference-python applies to --cli only")
+    dtypes = dtypes or "float32"
+    prompt_tokens = 128 if prompt_tokens is None else prompt_tokens
     reference_model = _model_reference(model_path, model_name)
     source = open_default_model() if reference_model is None else open_source(reference_model)
     if source.format == "gguf" and gguf is None:
@@ -453,6 +470,52 @@ def bench(
         print(json.dumps({"machine": facts, "settings": settings.__dict__, "results": rows}, indent=2))
         return
     _print_bench_table(rows, facts, settings)
+
+
+def _bench_processes(model_path, model_name, backends, dtypes, device, threads, prompt_tokens, gen_tokens,
+                     repetitions, reference, compiled, gguf, reference_python, as_json) -> None:
+    """`influence bench --cli`: whole processes, as `bench.measure_processes` times them."""
+    from . import bench as benchmarks
+    from .store import installed_default_gguf
+
+    if prompt_tokens is not None:
+        raise InfluenceError("--prompt-tokens sets the kernel benchmark's prompt; --cli sends a chat prompt")
+    model = ["-p", str(model_path)] if model_path else ["-m", model_name] if model_name else []
+    cases = [case for backend in _split(backends)
+             for case in benchmarks.generate_cases(model, backend, _split(dtypes), device, threads, gen_tokens,
+                                                   compiled)]
+    if reference:
+        gguf = gguf or (model_path if model_path and model_path.suffix == ".gguf" else None)
+        gguf = gguf or (installed_default_gguf() if not (model_path or model_name) else None)
+        if gguf is None:
+            raise InfluenceError("--reference needs a GGUF for llama.cpp: pass --gguf FILE")
+        cases.append(benchmarks.llama_cpp_case(str(reference_python or sys.executable), str(gguf), threads,
+                                               gen_tokens))
+    rows = benchmarks.measure_processes(cases, repetitions,
+                                        lambda step: print(f"influence bench: {step}", file=sys.stderr))
+    facts = benchmarks.machine_facts(threads, benchmarks.memory_bandwidth_gb_s(threads))
+    if as_json:
+        print(json.dumps({"machine": facts, "prompt": benchmarks.CLI_PROMPT, "max_tokens": gen_tokens,
+                          "repetitions": repetitions, "results": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("process", "weights", "wall s", "decode tok/s", "TTFT ms", "peak RSS MB", "tokens",
+                  "vs llama.cpp (wall, decode, TTFT, RSS)",
+                  title=f"{facts['cpu']}, {threads} threads; whole processes, {gen_tokens} greedy tokens of a chat "
+                        f"prompt, median of {repetitions} alternating rounds")
+    for row in rows:
+        if row["error"]:
+            table.add_row(row["case"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
+            continue
+        ratios = row["ratios"]
+        versus = ", ".join(f"{ratios[key]}x" for key in ("wall_vs_llama_cpp", "decode_vs_llama_cpp",
+                                                         "ttft_vs_llama_cpp", "peak_rss_vs_llama_cpp") if key in ratios)
+        table.add_row(row["case"], row["weight_format"] or "", f"{row['wall_s']:.2f}", f"{row['decode_tokens_per_s']}",
+                      f"{row['ttft_ms']}", f"{row['peak_rss_mb']:.0f}", ",".join(map(str, row["generated_tokens"])),
+                      versus)
+    Console().print(table)
 
 
 def _split(values: str) -> list[str]:

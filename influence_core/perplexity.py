@@ -54,30 +54,50 @@ def measure(model: Any, text: str, context: int, reference: Any | None = None,
             progress: Callable[[int, int], None] | None = None) -> Perplexity:
     """Perplexity of ``model`` (an `influence_core.api.Model`) over ``text``; with ``reference``,
     a second model of the same vocabulary, also the KL divergence and top-1 agreement."""
+    return measure_all([model], text, context, reference, progress)[0]
+
+
+def measure_all(models: list[Any], text: str, context: int, reference: Any | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[Perplexity]:
+    """`measure` for several models (formats of one model) on the same chunks, the reference's
+    logits computed once per chunk for all of them."""
     import torch
 
-    bos = model.tokenizer.bos_token_id if model.tokenizer.encode("") else None  # adds BOS to every text
-    pieces = chunks(model.tokenizer.encode(text, add_special_tokens=False), context, bos)
+    tokenizer = models[0].tokenizer
+    bos = tokenizer.bos_token_id if tokenizer.encode("") else None  # the tokenizer adds BOS to every text
+    pieces = chunks(tokenizer.encode(text, add_special_tokens=False), context, bos)
     first = context // 2  # the first position whose prediction is scored
-    nll = reference_nll = kl = 0.0
-    agreed = scored = 0
+    nll = [0.0] * len(models)
+    kl = [0.0] * len(models)
+    agreed = [0] * len(models)
+    reference_nll = 0.0
+    scored = 0
+
+    def log_probs(model: Any, piece: list[int]) -> Any:
+        return torch.log_softmax(model.logits(piece)[first:-1].double(), dim=-1)
+
     for done, piece in enumerate(pieces):
-        targets = torch.tensor(piece[first + 1:])
-        log_probs = torch.log_softmax(model.logits(piece)[first:-1].double(), dim=-1)
-        nll -= log_probs.gather(1, targets[:, None]).sum().item()
-        if reference is not None:
-            reference_log_probs = torch.log_softmax(reference.logits(piece)[first:-1].double(), dim=-1)
-            reference_nll -= reference_log_probs.gather(1, targets[:, None]).sum().item()
-            kl += (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum().item()
-            agreed += int((reference_log_probs.argmax(-1) == log_probs.argmax(-1)).sum())
+        targets = torch.tensor(piece[first + 1:])[:, None]
+        expected = log_probs(reference, piece) if reference is not None else None
+        if expected is not None:
+            reference_nll -= expected.gather(1, targets).sum().item()
+        for i, model in enumerate(models):
+            observed = log_probs(model, piece)
+            nll[i] -= observed.gather(1, targets).sum().item()
+            if expected is not None:
+                kl[i] += (expected.exp() * (expected - observed)).sum().item()
+                agreed[i] += int((expected.argmax(-1) == observed.argmax(-1)).sum())
         scored += len(targets)
         if progress is not None:
             progress(done + 1, len(pieces))
-    result = Perplexity(perplexity=math.exp(nll / scored), tokens=scored, chunks=len(pieces), context=context,
-                        dtype=model.dtype, weight_format=model.weight_format)
-    if reference is not None:
-        result.against = reference.weight_format
-        result.reference_perplexity = math.exp(reference_nll / scored)
-        result.kl_divergence = kl / scored
-        result.top1_agreement = agreed / scored
-    return result
+    results = []
+    for i, model in enumerate(models):
+        result = Perplexity(perplexity=math.exp(nll[i] / scored), tokens=scored, chunks=len(pieces),
+                            context=context, dtype=model.dtype, weight_format=model.weight_format)
+        if reference is not None:
+            result.against = reference.weight_format
+            result.reference_perplexity = math.exp(reference_nll / scored)
+            result.kl_divergence = kl[i] / scored
+            result.top1_agreement = agreed[i] / scored
+        results.append(result)
+    return results

@@ -475,6 +475,9 @@ def measure_processes(cases: list[ProcessCase], repetitions: int,
             except RuntimeError as error:
                 errors[case.label] = str(error)
                 continue
+            progress(f"  {run.wall_s:.2f} s wall, {run.decode_tokens_per_s:.1f} tok/s decode, TTFT "
+                     f"{run.time_to_first_token_s * 1000:.0f} ms, peak RSS {run.peak_rss_mb:.0f} MB, "
+                     f"{run.generated_tokens} tokens")
             if round_number:
                 runs[case.label].append(run)
     rows = [_process_row(case, runs[case.label], errors.get(case.label)) for case in cases]

@@ -44,9 +44,15 @@ def open_source(model: str | Path) -> ModelSource:
     return _open_stored(find_model(model))
 
 
-def open_default_model() -> ModelSource:
-    """The model `influence models default` chose, else the bundled one."""
-    return _open_stored(resolve_default_model())
+def open_default_model(*, quantized: bool = False) -> ModelSource:
+    """The model `influence models default` chose, else the bundled one. ``quantized``: the bundled
+    model as its GGUF, whose own quantized blocks a quantized format runs, rather than the float
+    copy converted into the store (which loads faster in a float format)."""
+    path = resolve_default_model()
+    bundled = installed_default_gguf()
+    if quantized and bundled is not None and path in (bundled, models_dir() / DEFAULT_MODEL.name):
+        return _open_path(bundled)
+    return _open_stored(path)
 
 
 def _open_path(path: Path) -> ModelSource:
@@ -82,7 +88,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     hub, downloaded on first use; a name in the store; an alias), an opened `ModelSource`, or None
     for the default model.
 
-    ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (float32 on CPU, bfloat16 on
+    ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (the backend's best for this model
+    and device: for torch on a CPU, the file's own precision, so int4 for a 4-bit GGUF; bfloat16 on
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
     ``max_batch`` is how many sequences may decode together (serving). ``tensor_parallel`` splits the
     model across that many processes, this one among them (started by torchrun; see docs/scaling.md);
@@ -98,12 +105,16 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
             raise InfluenceError(f"{option} must be an integer >= 1, got {value!r}")
     registry = get_registry()
     engine = registry.backend(backend)
+    resolved_device = engine.resolve_device(device)
     if model is None:
-        source = open_default_model()
+        # A backend that reads weights itself may run the bundled GGUF's own blocks; only if it
+        # picks a quantized format for them, though (`auto` on a CPU, or int8/int4 asked for).
+        source = open_default_model(quantized=engine.uses_architectures and dtype in ("auto", "int8", "int4"))
     else:
         source = model if isinstance(model, ModelSource) else open_source(model)
-    resolved_device = engine.resolve_device(device)
-    resolved_dtype = engine.resolve_dtype(dtype, resolved_device)
+    resolved_dtype = engine.resolve_dtype(dtype, resolved_device, source)
+    if model is None and source.path == installed_default_gguf() and resolved_dtype not in ("int8", "int4"):
+        source = open_default_model()
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
                {"threads": threads, "context_length": context_length, "max_batch": max_batch,
@@ -127,6 +138,7 @@ class Model:
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        self.weight_format = runner.weight_format or dtype  # what ran, as precisely as the backend says
         self.load_seconds = load_seconds
         self.cache = CacheState()
 

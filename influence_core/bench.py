@@ -4,6 +4,10 @@ our backends and, with ``--reference``, for reference engines on the same model 
 Modelled on llama.cpp's llama-bench: pp is an N-token prompt in one forward pass, tg is M greedy
 decode steps, and neither counts tokenization or sampling. Every engine and dtype runs in its own
 subprocess, so load time and peak RSS are its own.
+
+``--cli`` measures what users run instead (`measure_processes`): whole ``influence generate``
+processes, start-up, loading, chat template, sampling and detokenization included, beside a whole
+llama-cpp-python process answering the same chat prompt.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -392,6 +397,163 @@ def machine_facts(threads: int, bandwidth: float) -> dict[str, Any]:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "read_bandwidth_gb_s": round(bandwidth, 1),
             "python": platform.python_version()}
+
+
+# ---- --cli: whole processes ---------------------------------------------------------------------
+
+CLI_PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+# Run by the reference interpreter (llama-cpp-python installed; Influence need not be): the same
+# chat prompt, greedy, streamed as a user would see it; prints one JSON line.
+LLAMA_CPP_PROCESS = """
+import json, sys, time
+from llama_cpp import Llama
+gguf, prompt, max_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+llm = Llama(gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+requested = time.perf_counter()
+first = end = None
+tokens = 0
+for chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                        temperature=0.0, stream=True):
+    if chunk["choices"][0]["delta"].get("content"):
+        end = time.perf_counter()
+        first = first or end
+        tokens += 1
+print(json.dumps({"generated_tokens": tokens, "time_to_first_token_s": first - requested,
+                  "decode_tokens_per_s": (tokens - 1) / (end - first) if tokens > 1 else 0.0}))
+"""
+
+
+@dataclass
+class ProcessCase:
+    label: str  # "influence generate --dtype auto", "llama.cpp (llama-cpp-python)"
+    command: list[str]
+    reference: bool = False
+
+
+@dataclass
+class ProcessRun:
+    wall_s: float
+    peak_rss_mb: float
+    decode_tokens_per_s: float
+    time_to_first_token_s: float
+    generated_tokens: int
+    weight_format: str | None = None
+
+
+def influence_command() -> list[str]:
+    """The `influence` a user runs: the console script beside this interpreter where installed."""
+    script = Path(sys.executable).with_name("influence")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from influence_core.cli import run; run()"]
+
+
+def generate_cases(model: list[str], backend: str, dtypes: list[str], device: str, threads: int, max_tokens: int,
+                   compiled: bool) -> list[ProcessCase]:
+    """``model``: the model arguments (``-m NAME``, ``-p PATH`` or none for the default model)."""
+    cases = []
+    for dtype in dtypes:
+        flags = ["--compile"] if compiled else []
+        command = [*influence_command(), "generate", CLI_PROMPT, *model, "--backend", backend, "--device", device,
+                   "--dtype", dtype, "--threads", str(threads), "--max-tokens", str(max_tokens),
+                   "--temperature", "0", "--json", *flags]
+        cases.append(ProcessCase(f"influence generate --backend {backend} --dtype {dtype}{' --compile' * compiled}",
+                                 command))
+    return cases
+
+
+def llama_cpp_case(python: str, gguf: str, threads: int, max_tokens: int) -> ProcessCase:
+    return ProcessCase("llama.cpp (llama-cpp-python)", [python, "-c", LLAMA_CPP_PROCESS, gguf, CLI_PROMPT,
+                                                        str(max_tokens), str(threads)], reference=True)
+
+
+def run_process(case: ProcessCase, timeout_s: float = 1800) -> ProcessRun:
+    """One whole process: wall time from spawn to exit, its own peak RSS (wait4's rusage), and
+    the figures it printed as JSON on its last line."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(case.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        try:
+            _, status, usage = _wait_with_timeout(process, timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"{case.label} ran past {timeout_s:.0f} s") from None
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        lines = out.read().strip().splitlines()
+        if os.waitstatus_to_exitcode(status) != 0 or not lines:
+            tail = (err.read().strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{case.label} failed: {tail}")
+    printed = json.loads(lines[-1])
+    return ProcessRun(wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
+                      decode_tokens_per_s=printed["decode_tokens_per_s"],
+                      time_to_first_token_s=printed["time_to_first_token_s"],
+                      generated_tokens=printed["generated_tokens"], weight_format=printed.get("weight_format"))
+
+
+def _wait_with_timeout(process: subprocess.Popen, timeout_s: float):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(process.args, timeout_s)
+        time.sleep(0.02)
+
+
+def measure_processes(cases: list[ProcessCase], repetitions: int,
+                      progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """One untimed warm-up process per case (conversions, caches and artifacts then exist), then
+    ``repetitions`` rounds in which the cases alternate, so a busy machine slows all of them
+    alike; medians, and each of ours as ratios to the reference."""
+    runs: dict[str, list[ProcessRun]] = {case.label: [] for case in cases}
+    errors: dict[str, str] = {}
+    for round_number in range(repetitions + 1):
+        for case in cases:
+            if case.label in errors:
+                continue
+            progress(f"{'warm-up' if round_number == 0 else f'round {round_number}/{repetitions}'}: {case.label}")
+            try:
+                run = run_process(case)
+            except RuntimeError as error:
+                errors[case.label] = str(error)
+                continue
+            progress(f"  {run.wall_s:.2f} s wall, {run.decode_tokens_per_s:.1f} tok/s decode, TTFT "
+                     f"{run.time_to_first_token_s * 1000:.0f} ms, peak RSS {run.peak_rss_mb:.0f} MB, "
+                     f"{run.generated_tokens} tokens")
+            if round_number:
+                runs[case.label].append(run)
+    rows = [_process_row(case, runs[case.label], errors.get(case.label)) for case in cases]
+    reference = next((row for row in rows if row["reference"] and not row["error"]), None)
+    for row in rows:
+        if reference is not None and not row["reference"] and not row["error"]:
+            row["ratios"] = {
+                "wall_vs_llama_cpp": round(row["wall_s"] / reference["wall_s"], 2),
+                "decode_vs_llama_cpp": round(row["decode_tokens_per_s"] / reference["decode_tokens_per_s"], 2),
+                "ttft_vs_llama_cpp": round(row["ttft_ms"] / reference["ttft_ms"], 2),
+                "peak_rss_vs_llama_cpp": round(row["peak_rss_mb"] / reference["peak_rss_mb"], 2),
+            }
+    return rows
+
+
+def _process_row(case: ProcessCase, runs: list[ProcessRun], error: str | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"case": case.label, "reference": case.reference, "error": error, "ratios": {}}
+    if error or not runs:
+        return row
+    row.update({
+        "weight_format": runs[0].weight_format,
+        "wall_s": round(median([run.wall_s for run in runs]), 3),
+        "decode_tokens_per_s": round(median([run.decode_tokens_per_s for run in runs]), 1),
+        "ttft_ms": round(median([run.time_to_first_token_s for run in runs]) * 1000, 1),
+        "peak_rss_mb": round(median([run.peak_rss_mb for run in runs]), 1),
+        "generated_tokens": [run.generated_tokens for run in runs],
+        "runs": {"wall_s": [round(run.wall_s, 3) for run in runs],
+                 "decode_tokens_per_s": [round(run.decode_tokens_per_s, 1) for run in runs]},
+    })
+    return row
 
 
 if __name__ == "__main__":

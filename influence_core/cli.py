@@ -49,7 +49,10 @@ ModelOption = Annotated[Optional[str], typer.Option(
     autocompletion=_complete_model_names)]
 BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPUs), float32, bfloat16, float16.")]
+DtypeOption = Annotated[str, typer.Option(
+    help="auto (on CPU the file's own precision: int4 for a 4-bit GGUF, int8 for Q8_0, bfloat16 for a 16-bit "
+         "checkpoint where the CPU has bfloat16 arithmetic, else float32; bfloat16 on GPUs), float32, bfloat16, "
+         "float16, int8, int4.")]
 ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
 MaxTokensOption = Annotated[Optional[int], typer.Option(
     min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
@@ -215,8 +218,8 @@ def generate(
         print(json.dumps({
             "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
             "seed": result.seed, "backend": model.backend, "device": model.device, "dtype": model.dtype,
-            "model": str(model.source.path), "load_s": round(model.load_seconds, 6), "settings": result.settings,
-            **result.stats.as_dict(),
+            "weight_format": model.weight_format, "model": str(model.source.path),
+            "load_s": round(model.load_seconds, 6), "settings": result.settings, **result.stats.as_dict(),
         }, ensure_ascii=False))
         return
     if not streaming:
@@ -306,7 +309,7 @@ def _print_stats(result, model) -> None:
     print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
           f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
           f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
-          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.dtype}", file=sys.stderr)
+          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.weight_format}", file=sys.stderr)
     ran = ", ".join(f"{key} {value}" for key, value in result.settings.items() if value is not None)
     print(f"settings: {ran}", file=sys.stderr)
 
@@ -473,10 +476,13 @@ def bench(
     model_path: ModelPathOption = None,
     model_name: ModelOption = None,
     backends: Annotated[str, typer.Option(help="Comma-separated backends to measure; NAME:DTYPE for one dtype.")] = "torch",
-    dtypes: Annotated[str, typer.Option(help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4.")] = "float32",
+    dtypes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated dtypes, e.g. float32,bfloat16,int8,int4. Default: float32; with --cli, auto.")] = None,
     device: DeviceOption = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="Threads for every engine.")] = os.cpu_count() or 1,
-    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", "-n", min=1, help="Prompt length for pp.")] = 128,
+    prompt_tokens: Annotated[Optional[int], typer.Option(
+        "--prompt-tokens", "-n", min=1, help="Prompt length for pp (default 128; not with --cli, which sends a chat "
+                                             "prompt).")] = None,
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", "-g", min=1, help="Greedy tokens for tg.")] = 128,
     repetitions: Annotated[int, typer.Option(
         "--repetitions", "-r", min=1, help="Runs per engine (median and spread).")] = 3,
@@ -488,6 +494,12 @@ def bench(
     output_format: Annotated[Optional[str], typer.Option(
         "--format", metavar="json", help="Also measure tg with JSON mode's grammar mask on every step, and its "
                                          "share of a decode step.")] = None,
+    cli_mode: Annotated[bool, typer.Option("--cli", help="Time whole `influence generate` processes (start-up, "
+                                           "loading, sampling and detokenization included; -g tokens of a chat "
+                                           "prompt), rounds alternating, beside a whole llama-cpp-python process "
+                                           "with --reference.")] = False,
+    reference_python: Annotated[Optional[Path], typer.Option(
+        help="With --cli: the Python interpreter that has llama-cpp-python (default: this one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
@@ -495,6 +507,16 @@ def bench(
     from .api import open_default_model, open_source
     from .store import installed_default_gguf
 
+    if cli_mode:
+        if output_format is not None:
+            raise InfluenceError("--format measures the grammar mask in the kernel benchmark, not with --cli")
+        _bench_processes(model_path, model_name, backends, dtypes or "auto", device, threads, prompt_tokens,
+                         gen_tokens, repetitions, reference, compiled, gguf, reference_python, as_json)
+        return
+    if reference_python is not None:
+        raise InfluenceError("--reference-python applies to --cli only")
+    dtypes = dtypes or "float32"
+    prompt_tokens = 128 if prompt_tokens is None else prompt_tokens
     reference_model = _model_reference(model_path, model_name)
     source = open_default_model() if reference_model is None else open_source(reference_model)
     if source.format == "gguf" and gguf is None:
@@ -538,6 +560,52 @@ def bench(
     _print_bench_table(rows, facts, settings)
 
 
+def _bench_processes(model_path, model_name, backends, dtypes, device, threads, prompt_tokens, gen_tokens,
+                     repetitions, reference, compiled, gguf, reference_python, as_json) -> None:
+    """`influence bench --cli`: whole processes, as `bench.measure_processes` times them."""
+    from . import bench as benchmarks
+    from .store import installed_default_gguf
+
+    if prompt_tokens is not None:
+        raise InfluenceError("--prompt-tokens sets the kernel benchmark's prompt; --cli sends a chat prompt")
+    model = ["-p", str(model_path)] if model_path else ["-m", model_name] if model_name else []
+    cases = [case for backend in _split(backends)
+             for case in benchmarks.generate_cases(model, backend, _split(dtypes), device, threads, gen_tokens,
+                                                   compiled)]
+    if reference:
+        gguf = gguf or (model_path if model_path and model_path.suffix == ".gguf" else None)
+        gguf = gguf or (installed_default_gguf() if not (model_path or model_name) else None)
+        if gguf is None:
+            raise InfluenceError("--reference needs a GGUF for llama.cpp: pass --gguf FILE")
+        cases.append(benchmarks.llama_cpp_case(str(reference_python or sys.executable), str(gguf), threads,
+                                               gen_tokens))
+    rows = benchmarks.measure_processes(cases, repetitions,
+                                        lambda step: print(f"influence bench: {step}", file=sys.stderr))
+    facts = benchmarks.machine_facts(threads, benchmarks.memory_bandwidth_gb_s(threads))
+    if as_json:
+        print(json.dumps({"machine": facts, "prompt": benchmarks.CLI_PROMPT, "max_tokens": gen_tokens,
+                          "repetitions": repetitions, "results": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("process", "weights", "wall s", "decode tok/s", "TTFT ms", "peak RSS MB", "tokens",
+                  "vs llama.cpp (wall, decode, TTFT, RSS)",
+                  title=f"{facts['cpu']}, {threads} threads; whole processes, {gen_tokens} greedy tokens of a chat "
+                        f"prompt, median of {repetitions} alternating rounds")
+    for row in rows:
+        if row["error"]:
+            table.add_row(row["case"], "", "", "", "", "", "", f"[red]{row['error']}[/red]")
+            continue
+        ratios = row["ratios"]
+        versus = ", ".join(f"{ratios[key]}x" for key in ("wall_vs_llama_cpp", "decode_vs_llama_cpp",
+                                                         "ttft_vs_llama_cpp", "peak_rss_vs_llama_cpp") if key in ratios)
+        table.add_row(row["case"], row["weight_format"] or "", f"{row['wall_s']:.2f}", f"{row['decode_tokens_per_s']}",
+                      f"{row['ttft_ms']}", f"{row['peak_rss_mb']:.0f}", ",".join(map(str, row["generated_tokens"])),
+                      versus)
+    Console().print(table)
+
+
 def _split(values: str) -> list[str]:
     return [value.strip() for value in values.split(",") if value.strip()]
 
@@ -566,6 +634,48 @@ def _print_bench_table(rows: list[dict], facts: dict, settings) -> None:
                       f"{row['peak_rss_mb']:.0f}" + (f" ({row['model_rss_vs_weights']}x)" if row["model_rss_vs_weights"] else ""),
                       f"{row['roofline_percent']}%" if row["roofline_percent"] else "", versus)
     Console().print(table)
+
+
+@app.command()
+def perplexity(
+    text_file: Annotated[Path, typer.Argument(help="A text file (UTF-8) to score.")],
+    model_path: ModelPathOption = None,
+    model_name: ModelOption = None,
+    backend: BackendOption = "torch",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    threads: ThreadsOption = None,
+    context: Annotated[int, typer.Option(min=2, help="Tokens per chunk; the second half of each is scored.")] = 512,
+    against: Annotated[Optional[str], typer.Option(
+        metavar="DTYPE", help="Also run the model in DTYPE (e.g. float32) on the same chunks and report the KL "
+                              "divergence from it and the top-1 agreement with it.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Perplexity over a text file (llama-perplexity's chunks), and the drift from another format."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .perplexity import measure
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InfluenceError(f"cannot read {text_file} as UTF-8 text: {getattr(error, 'strerror', None) or error}") from None
+    model = _load(model_path, model_name, backend, device, dtype, threads)
+    reference = _load(model_path, model_name, backend, device, against, threads) if against else None
+    with Progress(transient=True, console=Console(stderr=True), disable=as_json) as bar:
+        task = bar.add_task("scoring chunks", total=None)
+        result = measure(model, text, context, reference, lambda done, total: bar.update(task, completed=done,
+                                                                                          total=total))
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    line = (f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.chunks} chunks of "
+            f"{result.context}) | {model.backend} {model.device} {result.weight_format}")
+    if reference is not None:
+        line += (f"\nagainst {result.against}: perplexity {result.reference_perplexity:.4f}, KL divergence "
+                 f"{result.kl_divergence:.6f}, top-1 agreement {100 * result.top1_agreement:.2f}%")
+    print(line)
 
 
 @app.command()

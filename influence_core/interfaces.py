@@ -21,11 +21,26 @@ class Weights(Protocol):
     """A lazy, read-only mapping from Hugging Face tensor names (``model.layers.0.mlp.up_proj.weight``)
     to torch tensors in their stored floating dtype (quantized formats are dequantized to float32).
     Architectures read only the tensors they need, one at a time, so peak memory stays near the
-    size of the built model."""
+    size of the built model.
+
+    A loader of a quantized format may also offer ``quantized(name) -> QuantizedTensor | None``:
+    the tensor as the file stores it (None where it is stored as floats), so that a backend can run
+    the file's own codes and scales rather than requantize the dequantized floats."""
 
     def keys(self) -> Iterator[str]: ...
     def __contains__(self, name: object) -> bool: ...
     def __getitem__(self, name: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A 2-D weight as a quantized file stores it: ``blocks`` is a numpy uint8 array with one row of
+    blocks per output row (rows in Hugging Face's order), in the block format ``kind`` names (GGUF's
+    type names: "Q4_0", "Q4_1", "Q4_K", "Q8_0", ...); ``shape`` is the (rows, columns) it decodes to."""
+
+    kind: str
+    shape: tuple[int, ...]
+    blocks: Any
 
 
 @dataclass
@@ -88,6 +103,8 @@ class Runner(ABC):
     context_length: int
     device: str  # where logits live, as a torch device string ("cpu", "cuda:0", ...)
     max_batch: int = 1  # cache slots, so sequences that can decode together
+    # What the weights run as when it says more than the dtype: "int4 (from Q4_1); output head int8 ...".
+    weight_format: str | None = None
 
     @abstractmethod
     def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False, slot: int = 0) -> Any:
@@ -144,8 +161,8 @@ class Backend(ABC):
             )
         return wanted
 
-    def resolve_dtype(self, requested: str, device: str) -> str:
-        """Map ``auto`` to this device's best dtype and check the rest."""
+    def resolve_dtype(self, requested: str, device: str, source: ModelSource | None = None) -> str:
+        """Map ``auto`` to this device's best dtype for ``source`` (when given) and check the rest."""
         if requested == "auto":
             return "float32" if device == "cpu" else "bfloat16"
         if requested not in self.dtypes:

@@ -37,7 +37,7 @@ def test_int8_linear_is_per_channel_symmetric_int8(linear):
 
 
 def test_int4_linear_matches_its_groupwise_dequantization(linear):
-    layer = Int4Linear(linear)
+    layer = Int4Linear.from_linear(linear)
     weight = linear.weight.detach().reshape(48, 3, 32)
     low, high = weight.amin(-1, keepdim=True), weight.amax(-1, keepdim=True)
     scale = (high - low) / 15
@@ -61,7 +61,7 @@ def test_int4_keeps_q4_1_weights_as_they_are():
     linear = nn.Linear(96, 48, bias=False)
     with torch.no_grad():
         linear.weight.copy_((codes * d + m).reshape(48, 96))
-    layer = Int4Linear(linear)
+    layer = Int4Linear.from_linear(linear)
     dequantized = layer(torch.eye(96).bfloat16()).float().t().reshape(48, 3, 32)
     assert ((dequantized - linear.weight.detach().reshape(48, 3, 32)).abs() < 0.25 * d).all()
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
+from influence_core.interfaces import QuantizedTensor
 
 from . import GGUF_MAGIC
 
@@ -27,6 +28,7 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # llama.cpp's common quantizations (Q4_0 ... Q8_0, the K-quants) are made of.
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                           "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+FLOAT_TENSOR_TYPES = ("F32", "F16", "BF16")
 
 # blk.N.<name> in GGUF is model.layers.N.<name> in Hugging Face's Llama.
 LAYER_TENSORS = {
@@ -421,9 +423,20 @@ class GGUFWeights:
 
         gguf_name = self.names[name]
         tensor = self.file.tensors[gguf_name]
-        values = dequantize(tensor)
-        heads = self.heads.get(gguf_name.split(".")[-2])
-        if heads is not None:
-            values = unpermute_rows(values, heads)
+        values = self._hf_rows(gguf_name, dequantize(tensor))
         # F32 tensors come back as read-only views of the memory map: copy those, never the rest.
         return torch.from_numpy(np.require(values, np.float32, ["C", "W"]))
+
+    def quantized(self, name: str) -> QuantizedTensor | None:
+        """A 2-D tensor's blocks as the file stores them (rows in Hugging Face's order); None for
+        float tensors and vectors."""
+        gguf_name = self.names[name]
+        tensor = self.file.tensors[gguf_name]
+        if tensor.tensor_type.name in FLOAT_TENSOR_TYPES or len(tensor.shape) != 2:
+            return None
+        shape = (int(tensor.shape[1]), int(tensor.shape[0]))  # ggml lists the innermost dimension first
+        return QuantizedTensor(tensor.tensor_type.name, shape, self._hf_rows(gguf_name, tensor.data))
+
+    def _hf_rows(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
+        heads = self.heads.get(gguf_name.split(".")[-2])
+        return values if heads is None else unpermute_rows(values, heads)

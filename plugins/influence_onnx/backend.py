@@ -58,10 +58,10 @@ class OnnxBackend(Backend):
             return requested
         return super().resolve_device(requested)
 
-    def resolve_dtype(self, requested: str, device: str) -> str:
+    def resolve_dtype(self, requested: str, device: str, source: ModelSource | None = None) -> str:
         if requested == "auto":
             return "float32" if device == "cpu" else "float16"
-        dtype = super().resolve_dtype(requested, device)
+        dtype = super().resolve_dtype(requested, device, source)
         if dtype == "int8" and device != "cpu":
             raise BackendError("--dtype int8 (dynamically quantized weights) runs on the CPU only; use --device cpu")
         return dtype

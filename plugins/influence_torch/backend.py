@@ -159,8 +159,11 @@ class TorchBackend(Backend):
                                "use --device cpu")
         return super().resolve_device(requested)
 
-    def resolve_dtype(self, requested: str, device: str) -> str:
-        dtype = super().resolve_dtype(requested, device)
+    def resolve_dtype(self, requested: str, device: str, source: ModelSource | None = None) -> str:
+        """``auto`` on CPU runs a model in its file's own precision (`auto_cpu_dtype`); GPUs run bfloat16."""
+        if requested == "auto" and device == "cpu" and source is not None:
+            return auto_cpu_dtype(source)
+        dtype = super().resolve_dtype(requested, device, source)
         if dtype in ("int8", "int4") and device != "cpu":
             raise BackendError(f"--dtype {dtype} (weight-only quantization) runs on CPU only in the torch backend; "
                                f"on {device} use bfloat16 or float16")
@@ -196,6 +199,7 @@ class TorchBackend(Backend):
             model = architecture.build(source.config, source.weights(), device, dtype)
         return_freed_memory()
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
+        runner.weight_format = model.weight_format
         if options.get("compile"):
             runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
         elif compiled:
@@ -205,3 +209,36 @@ class TorchBackend(Backend):
 
             runner.graph_step = CudaGraphStep(runner.graph_step or model)
         return runner
+
+
+def auto_cpu_dtype(source: ModelSource) -> str:
+    """A quantized GGUF in the matching quantized format (4-bit types as int4, wider ones as
+    int8, by the type most of its bytes are in); a 16-bit checkpoint in bfloat16 where the CPU
+    computes in bfloat16 natively (AVX-512 BF16 or AMX), else float32; float32 as it is."""
+    from .linear import INT4_KINDS, INT8_KINDS
+
+    stored = source.details.get("quantization") if source.format == "gguf" else source.config.torch_dtype
+    if stored in INT4_KINDS:
+        return "int4"
+    if stored in INT8_KINDS:
+        return "int8"
+    if stored in ("F16", "BF16", "float16", "bfloat16") and native_bfloat16():
+        return "bfloat16"
+    return "float32"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX-512 BF16 or AMX) for oneDNN's kernels to use;
+    without it bfloat16 is converted to float32 and back around every product."""
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

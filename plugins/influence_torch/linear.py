@@ -9,6 +9,11 @@ so each format here keeps weights in a layout whose kernel streams them at full 
 - int4: groups of 32 with a scale and a zero point each, bfloat16 activations
   (``_weight_int4pack_mm_for_cpu``), the same layout as GGUF's Q4_1; the output head stays int8.
 
+A quantized file runs in its own precision: `WeightFormats` keeps each linear in the format its
+tensors are stored in (4-bit GGUF types as int4, wider ones as int8), and the int4 kernel takes the
+codes and group scales of GGUF's Q4_0, Q4_1 and Q4_K blocks as stored rather than requantizing the
+dequantized floats.
+
 Any architecture gets these by calling `convert_linears` on its modules.
 """
 
@@ -16,13 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
+from influence_core.interfaces import QuantizedTensor, Weights
+
 QUANTIZED_FORMATS = ("int8", "int4")
 INT4_GROUP_SIZE = 32
+# GGUF block types by the format they run in: the int4 kernel takes the first three as stored (a
+# 4-bit code and, per group of 32, a scale and an offset); the other 4-bit-or-less types are
+# requantized to int4, and the wider ones to int8 (per-channel int8 cannot hold their group scales).
+NATIVE_INT4_KINDS = ("Q4_0", "Q4_1", "Q4_K")
+INT4_KINDS = NATIVE_INT4_KINDS + ("Q2_K", "Q3_K")
+INT8_KINDS = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 _pack_float_weights = True
 
 
@@ -65,14 +80,19 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _by_row_blocks(weight: torch.Tensor, quantize, rows_per_block: int = 4096) -> list[torch.Tensor]:
-    """Quantize a weight a block of rows at a time (rows are independent), so the float32
-    temporaries stay small even for a 128k-row output head; returns the results concatenated."""
+def _in_row_blocks(rows: int, convert: Callable[[slice], tuple[torch.Tensor, ...]],
+                   rows_per_block: int = 4096) -> list[torch.Tensor]:
+    """Convert a weight a block of rows at a time (rows are independent), so the temporaries stay
+    small even for a 128k-row output head; returns the results concatenated."""
     blocks = []
-    for start in range(0, weight.shape[0], rows_per_block):
-        blocks.append(quantize(weight[start:start + rows_per_block].float()))
+    for start in range(0, rows, rows_per_block):
+        blocks.append(convert(slice(start, start + rows_per_block)))
         return_freed_memory()
     return [torch.cat(parts) for parts in zip(*blocks)]
+
+
+def _by_row_blocks(weight: torch.Tensor, quantize) -> list[torch.Tensor]:
+    return _in_row_blocks(weight.shape[0], lambda rows: quantize(weight[rows].float()))
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,8 +107,56 @@ def _int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((high - low) / 15).clamp(min=1e-10)
     codes = torch.round((groups - low) / scale).clamp(0, 15).to(torch.int32).reshape(rows, columns)
     # The kernel computes (code - 8) * scale + zero, so zero is the group's value at code 8.
-    zero = low + 8 * scale
-    return torch._convert_weight_to_int4pack_for_cpu(codes, 1), torch.cat([scale, zero], dim=-1).to(torch.bfloat16)
+    return _int4_pack(codes, scale[..., 0], (low + 8 * scale)[..., 0])
+
+
+def _int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's layout for codes 0..15 [rows, columns] and a scale and zero [rows, groups]."""
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return packed, torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+
+
+def _float16(raw: torch.Tensor) -> torch.Tensor:
+    """Little-endian float16 values from their two bytes on the last axis."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def file_int4_groups(tensor: QuantizedTensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+    """Codes 0..15 [rows, columns] and, per group of 32, the scale and the zero (the value at code
+    8) that give back ``rows`` of a Q4_0, Q4_1 or Q4_K tensor exactly as its file defines them."""
+    raw = torch.from_numpy(np.require(tensor.blocks[rows], np.uint8, ["C", "W"]))  # a copy of the memory map
+    count = raw.shape[0]
+    if tensor.kind in ("Q4_0", "Q4_1"):
+        # 32 weights a block: a float16 scale d (Q4_1: and an offset m), then 16 bytes of codes,
+        # the block's first 16 weights in the low nibbles and its last 16 in the high ones.
+        header = 2 if tensor.kind == "Q4_0" else 4
+        blocks = raw.view(count, -1, header + 16)
+        scale = _float16(blocks[..., :2])[..., 0]
+        codes = blocks[..., header:]
+        codes = torch.cat([codes & 15, codes >> 4], dim=-1)
+        # Q4_0 is d * (code - 8): zero at code 8. Q4_1 is d * code + m.
+        zero = torch.zeros_like(scale) if tensor.kind == "Q4_0" else _float16(blocks[..., 2:4])[..., 0] + 8 * scale
+    elif tensor.kind == "Q4_K":
+        # 256 weights a block: float16 d and dmin, 12 bytes of eight 6-bit scales and mins (one
+        # each per 32 weights), then 128 bytes of codes, each 32 bytes holding two groups (low
+        # nibbles, then high). A weight is d * scale * code - dmin * min.
+        blocks = raw.view(count, -1, 144)
+        d, dmin = _float16(blocks[..., 0:2]), _float16(blocks[..., 2:4])
+        packed = blocks[..., 4:16].reshape(count, -1, 3, 4)
+        low, high, rest = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+        scales = torch.cat([low & 63, (rest & 15) | ((low >> 2) & 48)], dim=-1).float()
+        mins = torch.cat([high & 63, (rest >> 4) | ((high >> 2) & 48)], dim=-1).float()
+        scale = (d * scales).reshape(count, -1)
+        zero = 8 * scale - (dmin * mins).reshape(count, -1)
+        codes = blocks[..., 16:].reshape(count, -1, 4, 1, 32) >> torch.tensor([0, 4], dtype=torch.uint8)[:, None]
+        codes = codes & 15
+    else:
+        raise ValueError(f"{tensor.kind} blocks do not map onto int4 groups of {INT4_GROUP_SIZE}")
+    return codes.reshape(count, -1), scale, zero
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
 
 
 class Int8Linear(nn.Module):
@@ -97,7 +165,7 @@ class Int8Linear(nn.Module):
         weight, scale = _by_row_blocks(linear.weight.detach(), _int8_rows)
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", _bias(linear))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
@@ -106,13 +174,24 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        packed, scales_and_zeros = _by_row_blocks(linear.weight.detach(), _int4_rows)
         self.register_buffer("packed_weight", packed)
         # The kernel wants them as [group, row, (scale, zero)].
         self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        """Requantized from float weights: per group, the codes spanning its minimum to maximum."""
+        return cls(*_by_row_blocks(linear.weight.detach(), _int4_rows), _bias(linear))
+
+    @classmethod
+    def from_file(cls, tensors: list[QuantizedTensor], linear: nn.Linear) -> "Int4Linear":
+        """The file's own codes, scales and offsets, for ``tensors`` stacked by rows (fused q/k/v)."""
+        parts = [_in_row_blocks(tensor.shape[0], lambda rows, t=tensor: _int4_pack(*file_int4_groups(t, rows)))
+                 for tensor in tensors]
+        return cls(*(torch.cat(part) for part in zip(*parts)), _bias(linear))
 
     @staticmethod
     def supports(linear: nn.Linear) -> bool:
@@ -132,7 +211,7 @@ def convert_linear(linear: nn.Linear, weight_format: str, device: str) -> nn.Mod
     if weight_format == "int8":
         converted = Int8Linear(linear)
     elif weight_format == "int4":
-        converted = Int4Linear(linear) if Int4Linear.supports(linear) else Int8Linear(linear)
+        converted = Int4Linear.from_linear(linear) if Int4Linear.supports(linear) else Int8Linear(linear)
     elif weight_format in ("float32", "bfloat16") and _pack_float_weights and torch.backends.mkldnn.is_available():
         converted = PackedLinear(linear)
     else:
@@ -145,7 +224,11 @@ def convert_output_head(head: nn.Linear, weight_format: str, device: str) -> nn.
     """The output head as `convert_linear` would make it, except that int4 keeps it at int8. Its
     rounding errors land straight on the logits the next token is picked from (llama.cpp's 4-bit
     mixes keep it at 6 or 8 bits too; the default model's GGUF stores it as Q8_0)."""
-    return convert_linear(head, "int8" if weight_format == "int4" else weight_format, device)
+    return convert_linear(head, output_head_format(weight_format), device)
+
+
+def output_head_format(weight_format: str) -> str:
+    return "int8" if weight_format == "int4" else weight_format
 
 
 def convert_linears(module: nn.Module, weight_format: str, device: str) -> None:
@@ -155,4 +238,73 @@ def convert_linears(module: nn.Module, weight_format: str, device: str) -> None:
             setattr(module, name, convert_linear(child, weight_format, device))
         else:
             convert_linears(child, weight_format, device)
+
+
+class WeightFormats:
+    """Which format each linear layer of a model runs in, from the requested format and how its
+    file stores the layer's tensors, and what the model ran as (`describe`).
+
+    Under int4, tensors the file keeps at more than 4 bits (Q5 to Q8, Q6_K) stay int8, and Q4_0,
+    Q4_1 and Q4_K tensors run from their own blocks: `weight` then hands the architecture an
+    unallocated stand-in (nothing is dequantized) and `convert` builds the layer from the blocks.
+    """
+
+    def __init__(self, weights: Weights, requested: str, device: str) -> None:
+        self.requested = requested
+        self.device = device
+        self._stored = getattr(weights, "quantized", None)  # offered by loaders of quantized files
+        self._from_file: dict[tuple[str, ...], list[QuantizedTensor]] = {}
+        self._ran: Counter[str] = Counter()
+        self._head = requested
+
+    def stored_kind(self, name: str) -> str | None:
+        """The quantized type ``name`` is stored in; None for float tensors and float checkpoints."""
+        tensor = self._stored(name) if self._stored is not None else None
+        return tensor.kind if tensor is not None else None
+
+    def weight(self, names: list[str], take: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The weight of the linear made of ``names`` stacked by rows: floats from ``take``, or a
+        meta-device stand-in where `convert` will build the layer from the file's blocks."""
+        tensors = [self._stored(name) for name in names] if self._stored is not None else [None] * len(names)
+        kinds = [tensor.kind if tensor is not None else None for tensor in tensors]
+        format = self.format_for(kinds)
+        if format == "int4" and self.device == "cpu" and all(kind in NATIVE_INT4_KINDS for kind in kinds):
+            shape = (sum(tensor.shape[0] for tensor in tensors), tensors[0].shape[1])
+            if shape[0] % 16 == 0 and shape[1] % INT4_GROUP_SIZE == 0:  # the kernel's tiling
+                self._from_file[tuple(names)] = tensors
+                self._ran[f"int4 (from {'/'.join(sorted(set(kinds)))})"] += 1
+                return torch.empty(shape, device="meta")
+        self._ran[self._label(format, kinds)] += 1
+        return torch.cat([take(name) for name in names])
+
+    def format_for(self, kinds: list[str | None]) -> str:
+        if self.requested == "int4" and any(kind in INT8_KINDS for kind in kinds):
+            return "int8"
+        return self.requested
+
+    def convert(self, linear: nn.Linear, names: list[str]) -> nn.Module:
+        """The layer as it runs, built from the file's blocks where `weight` chose them."""
+        tensors = self._from_file.pop(tuple(names), None)
+        if tensors is not None:
+            return Int4Linear.from_file(tensors, linear)
+        return convert_linear(linear, self.format_for([self.stored_kind(name) for name in names]), self.device)
+
+    def convert_head(self, head: nn.Linear, name: str) -> nn.Module:
+        kind = self.stored_kind(name)
+        format = output_head_format(self.format_for([kind]))
+        self._head = self._label(format, [kind])
+        return convert_linear(head, format, self.device)
+
+    def describe(self) -> str:
+        """What the weights run as: "int4 (from Q4_1); output head int8 (requantized from Q8_0)"."""
+        layers = ", ".join(label if len(self._ran) == 1 else f"{label} x{count}"
+                           for label, count in self._ran.most_common())
+        return layers if self._head == layers else f"{layers}; output head {self._head}"
+
+    def _label(self, format: str, kinds: list[str | None]) -> str:
+        stored = sorted({kind for kind in kinds if kind is not None})
+        if not stored:
+            return format
+        verb = "requantized" if format in QUANTIZED_FORMATS else "dequantized"
+        return f"{format} ({verb} from {'/'.join(stored)})"
 

@@ -26,7 +26,7 @@ from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import Weights
 
-from .linear import activation_dtype, convert_linears, convert_output_head
+from .linear import WeightFormats, activation_dtype
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -238,8 +238,10 @@ class Llama(nn.Module):
 def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
                 variant: LlamaVariant = LlamaVariant()) -> Llama:
     """Create the module without allocating, then move each checkpoint tensor straight into place,
-    converting each layer's linears to ``dtype``'s fast format before reading the next layer."""
+    converting each layer's linears to ``dtype``'s fast format before reading the next layer (in a
+    quantized file, each in its own tensors' precision: `WeightFormats`)."""
     compute_dtype = activation_dtype(dtype)
+    formats = WeightFormats(weights, dtype, device)
     with torch.device("meta"):
         model = Llama(config, variant)
 
@@ -254,14 +256,19 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
     def fused(names: list[str]) -> torch.Tensor:
         return torch.cat([take(name) for name in names])
 
-    def load(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    def load(module: nn.Module, state: dict[str, torch.Tensor], where: str,
+             linears: dict[str, list[str]]) -> None:
+        """``linears``: each linear's path in ``module`` and the checkpoint tensors stacked in it."""
         for name, tensor in state.items():
             expected = module.get_parameter(name).shape
             if tensor.shape != expected:
                 raise ModelFormatError(f"tensor {where}{name} has shape {tuple(tensor.shape)}, "
                                        f"but the config implies {tuple(expected)}")
         module.load_state_dict(state, strict=True, assign=True)
-        convert_linears(module, dtype, device)
+        for path, names in linears.items():
+            parent, _, attribute = path.rpartition(".")
+            owner = module.get_submodule(parent)
+            setattr(owner, attribute, formats.convert(getattr(owner, attribute), names))
 
     # The head first: converting it holds the checkpoint's copy and the converted one at once, a
     # vocab x hidden transient that would otherwise come on top of every layer already loaded.
@@ -270,20 +277,24 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
     if model.output.weight.shape != (config.vocab_size, config.hidden_size):
         raise ModelFormatError(f"the output head has shape {tuple(head.shape)}, "
                                f"but the config implies {(config.vocab_size, config.hidden_size)}")
-    model.output = convert_output_head(model.output, dtype, device)
+    model.output = formats.convert_head(model.output, "model.embed_tokens.weight" if config.tie_word_embeddings
+                                        else "lm_head.weight")
     del head
 
     for i, layer in enumerate(model.layers):
         hf = f"model.layers.{i}."
         qkv = [f"{hf}self_attn.{p}_proj" for p in "qkv"]
         gate_up = [f"{hf}mlp.gate_proj", f"{hf}mlp.up_proj"]
+        linears = {
+            "attention.wqkv": [name + ".weight" for name in qkv],
+            "attention.wo": [hf + "self_attn.o_proj.weight"],
+            "feed_forward.w13": [name + ".weight" for name in gate_up],
+            "feed_forward.w2": [hf + "mlp.down_proj.weight"],
+        }
         state = {
             "attention_norm.weight": take(hf + "input_layernorm.weight"),
-            "attention.wqkv.weight": fused([name + ".weight" for name in qkv]),
-            "attention.wo.weight": take(hf + "self_attn.o_proj.weight"),
             "ffn_norm.weight": take(hf + "post_attention_layernorm.weight"),
-            "feed_forward.w13.weight": fused([name + ".weight" for name in gate_up]),
-            "feed_forward.w2.weight": take(hf + "mlp.down_proj.weight"),
+            **{f"{path}.weight": formats.weight(names, take) for path, names in linears.items()},
         }
         if _pick(variant.qkv_bias, config.attention_bias):
             state["attention.wqkv.bias"] = fused([name + ".bias" for name in qkv])
@@ -292,18 +303,21 @@ def build_llama(config: ModelConfig, weights: Weights, device: str, dtype: str,
         if config.mlp_bias:
             state["feed_forward.w13.bias"] = fused([name + ".bias" for name in gate_up])
             state["feed_forward.w2.bias"] = take(hf + "mlp.down_proj.bias")
-        load(layer, state, f"layers.{i}.")
+        load(layer, state, f"layers.{i}.", linears)
 
-    # On CPU the embedding stays as the checkpoint stores it and each row is converted as it is
+    # On CPU a float embedding stays as the checkpoint stores it and each row is converted as it is
     # looked up: a memory-mapped table then keeps only the rows in use resident, whatever the dtype.
-    embedding = (stored if device == "cpu" else take)("model.embed_tokens.weight")
+    # A quantized one is dequantized whole, so it is kept in the compute dtype.
+    float_embedding = device == "cpu" and formats.stored_kind("model.embed_tokens.weight") is None
+    embedding = (stored if float_embedding else take)("model.embed_tokens.weight")
     if embedding.shape != (config.vocab_size, config.hidden_size):
         raise ModelFormatError(f"the embedding has shape {tuple(embedding.shape)}, "
                                f"but the config implies {(config.vocab_size, config.hidden_size)}")
     model.embed_tokens = nn.Parameter(embedding, requires_grad=False)
-    load(model.norm, {"weight": take("model.norm.weight")}, "norm.")
+    load(model.norm, {"weight": take("model.norm.weight")}, "norm.", {})
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     model.activation_dtype = compute_dtype
+    model.weight_format = formats.describe()
     # bfloat16 attention is several times slower than float32 on CPU; on GPUs it is the fast path.
     model.attention_dtype = torch.float32 if device == "cpu" else compute_dtype
     return model.eval()

@@ -34,7 +34,8 @@ def test_kv_cache_starts_small_and_grows_in_powers_of_two(tiny_model):
 
 
 def test_an_advertised_context_beyond_memory_is_capped_with_a_notice(tmp_path, capsys):
-    path = make_tiny_llama(tmp_path / "huge-context", max_position_embeddings=10**12)
+    # 2**24 positions (the most any config may advertise) of 16 KB of keys and values each: 275 GB.
+    path = make_tiny_llama(tmp_path / "huge-context", max_position_embeddings=2**24, head_dim=512)
     model = influence.load(path, device="cpu", dtype="float32")
     assert "this run holds" in capsys.readouterr().err
     runner = model.runner

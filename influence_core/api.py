@@ -16,7 +16,7 @@ from typing import Any
 
 from .catalog import find_model
 from .errors import InfluenceError, ModelNotFoundError
-from .generation import CacheState, Generation, GenerationResult, TextStream
+from .generation import DEFAULT_MAX_TOKENS, CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
 from .plugins import get_registry
 from .sampling import SamplingParams, build_chain
@@ -130,7 +130,7 @@ class Model:
             messages.insert(0, {"role": "system", "content": system})
         return tokenizer.encode_chat(messages)
 
-    def new_generation(self, prompt: Prompt, *, max_tokens: int = 256, stop: Sequence[str] = (),
+    def new_generation(self, prompt: Prompt, *, max_tokens: int = DEFAULT_MAX_TOKENS, stop: Sequence[str] = (),
                        raw: bool = False, system: str | None = None, temperature: float | None = None,
                        top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                        repetition_penalty: float | None = None, seed: int | None = None, sampler: str | None = None,

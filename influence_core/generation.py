@@ -17,6 +17,9 @@ from .interfaces import Runner
 from .sampling import SamplerChain
 from .tokenizer import IncrementalDecoder, Tokenizer
 
+# How many tokens a generation may produce when its caller names no limit (CLI, API and server alike).
+DEFAULT_MAX_TOKENS = 256
+
 
 @dataclass
 class GenerationStats:

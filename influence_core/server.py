@@ -1,15 +1,22 @@
-"""``influence serve``: an OpenAI-compatible HTTP server over one model, with continuous batching.
+"""``influence serve``: an OpenAI-compatible HTTP server over one or more models, with continuous
+batching and a prefix cache.
 
-Routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (the
-model's chat template), streaming as server-sent events in OpenAI's chunk format. Every request
-becomes one or more generations in a shared `BatchEngine`; a streaming client that goes away
-frees its slot at the next decode step.
+Routes: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST
+/v1/chat/completions (the model's chat template), streaming as server-sent events in OpenAI's chunk
+format. The request's ``model`` picks one of the served models (`model_router`). Every request
+becomes one or more generations in that model's `BatchEngine`; a client that goes away, streaming
+or not, frees its slots at the next step, and so does every choice of a request that failed.
+Every error, ours or the framework's, is an OpenAI-shaped JSON body (`server_limits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import json
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,16 +25,24 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from .api import Model
 from .engine import BatchEngine, Job, QueueFullError
 from .errors import InfluenceError
+from .generation import DEFAULT_MAX_TOKENS
+from .model_router import ModelNotServed, ModelRouter, ModelsBusy, Served
+from .server_limits import DEFAULT_MAX_BODY_BYTES, RequestGuard, openai_error_body
+from .server_metrics import CONTENT_TYPE, ServerMetrics
 
 # OpenAI's finish reasons: "stop" when the model or a stop string ended it, "length" when a limit did.
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+SHUTDOWN_GRACE_S = 5  # after SIGTERM, how long running requests may take before they are cancelled
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what a torch generator takes, with room for one seed per choice
 
 
 class SamplingFields(BaseModel):
@@ -36,7 +51,7 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=8)
     stream: bool = False
@@ -63,23 +78,39 @@ class ChatRequest(SamplingFields):
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+        self.code = code
 
 
 def error_response(error: OpenAIError) -> JSONResponse:
-    body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": None}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JSONResponse(openai_error_body(error.message, error.kind, error.param, error.code),
+                        status_code=error.status, headers=error.headers)
 
 
-def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
-    app = FastAPI(title="Influence", description=f"OpenAI-compatible API serving {model_name}")
-    created = int(time.time())
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+def create_app(router: ModelRouter, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    app = FastAPI(title="Influence", description=f"OpenAI-compatible API serving {', '.join(router.names)}")
+    metrics = ServerMetrics(router.engines)
+    router.observe_tokens(metrics.token_observer)
+    app.add_middleware(RequestGuard, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       count=lambda route, status: metrics.requests.labels(route, str(status)).inc())
 
     @app.exception_handler(OpenAIError)
     async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        # The framework's own answers (404 no such route, 405 wrong method, 413 body too large).
+        return error_response(OpenAIError(error.status_code, str(error.detail), headers=error.headers,
+                                          code="not_found" if error.status_code == 404 else None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -89,32 +120,60 @@ def create_app(model: Model, engine: BatchEngine, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "active_slots": engine.busy_slots,
-                "queued": len(engine.pending), "cancelled": engine.cancelled, "max_batch": model.runner.max_batch}
+        loaded = router.loaded.values()
+        return {"status": "ok", "model": router.default, "loaded": [served.name for served in loaded],
+                "active_slots": sum(s.engine.busy_slots for s in loaded), "queued": sum(s.engine.queued for s in loaded),
+                "cancelled": sum(s.engine.cancelled for s in loaded),
+                "max_batch": max((s.model.runner.max_batch for s in loaded), default=0)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "influence"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": router.created,
+                                            "owned_by": "influence"} for name in router.names]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        jobs = submit(engine, model, [p for p in prompts for _ in range(body.n)], body, raw=True)
-        return await respond(engine, jobs, body, chat=False, model_name=model_name)
+        served = await acquire(router, body.model)
+        try:
+            jobs = await submit(served, [p for p in prompts for _ in range(body.n)], body, raw=True)
+        except BaseException:
+            router.release(served)
+            raise
+        return await respond(router, served, jobs, body, chat=False, request=request, metrics=metrics)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
-        if not model.tokenizer.chat_template:
-            raise OpenAIError(400, "this model has no chat template; use /v1/completions")
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in body.messages]
-        jobs = submit(engine, model, [messages] * body.n, body, raw=False)
-        return await respond(engine, jobs, body, chat=True, model_name=model_name)
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        served = await acquire(router, body.model)
+        try:
+            if not served.model.tokenizer.chat_template:
+                raise OpenAIError(400, "this model has no chat template; use /v1/completions")
+            messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                        for m in body.messages]
+            jobs = await submit(served, [messages] * body.n, body, raw=False)
+        except BaseException:
+            router.release(served)
+            raise
+        return await respond(router, served, jobs, body, chat=True, request=request, metrics=metrics)
 
     return app
+
+
+async def acquire(router: ModelRouter, name: str | None) -> Served:
+    try:
+        return await router.acquire(name)
+    except ModelNotServed as error:
+        raise OpenAIError(404, str(error), param="model", code="model_not_found") from None
+    except ModelsBusy as error:
+        raise OpenAIError(429, str(error), kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except InfluenceError as error:  # the model failed to load
+        raise OpenAIError(500, str(error), kind="server_error") from None
 
 
 @dataclass
@@ -125,28 +184,35 @@ class Submitted:
     pieces: asyncio.Queue
 
 
-def submit(engine: BatchEngine, model: Model, prompts: list[Any], body: SamplingFields, raw: bool) -> list[Submitted]:
-    """Queue one generation per prompt; if any cannot be queued, none stays queued."""
+async def submit(served: Served, prompts: list[Any], body: SamplingFields, raw: bool) -> list[Submitted]:
+    """Queue one generation per prompt; if any cannot be queued, none stays queued. Prompts are
+    tokenized on a worker thread, so a long one never stalls the event loop."""
     loop = asyncio.get_running_loop()
+    model, engine = served.model, served.engine
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    max_tokens = body.max_completion_tokens or body.max_tokens or model.runner.context_length
-    jobs = []
+    max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+    jobs: list[Submitted] = []
     try:
         for index, prompt in enumerate(prompts):
-            generation = model.new_generation(
+            generation = await loop.run_in_executor(None, functools.partial(
+                model.new_generation,
                 prompt, raw=raw, max_tokens=max_tokens, stop=stop,
                 temperature=body.temperature if body.temperature is not None else _default_temperature(model),
                 top_p=body.top_p, seed=None if body.seed is None else body.seed + index,
-            )
+            ))
             pieces: asyncio.Queue = asyncio.Queue()
             job = engine.submit(generation, lambda piece, q=pieces: loop.call_soon_threadsafe(q.put_nowait, piece))
             jobs.append(Submitted(job, pieces))
-    except (QueueFullError, InfluenceError) as error:
+    except BaseException as error:
         release(engine, jobs)
         if isinstance(error, QueueFullError):
             raise OpenAIError(429, f"the server is busy ({error}); retry shortly", kind="rate_limit_error",
                               headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        raise OpenAIError(400, str(error)) from None
+        if isinstance(error, InfluenceError):
+            raise OpenAIError(400, str(error)) from None
+        if isinstance(error, UnicodeError):
+            raise OpenAIError(400, f"the prompt is not valid Unicode text ({error.reason})") from None
+        raise
     return jobs
 
 
@@ -163,20 +229,22 @@ def _default_temperature(model: Model) -> float:
     return defaults.temperature if defaults.do_sample and defaults.temperature is not None else 1.0
 
 
-async def respond(engine: BatchEngine, jobs: list[Submitted], body: SamplingFields, chat: bool,
-                  model_name: str) -> Any:
+async def respond(router: ModelRouter, served: Served, jobs: list[Submitted], body: SamplingFields, chat: bool,
+                  request: Request, metrics: ServerMetrics) -> Any:
     identifier = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
+    engine, model_name = served.engine, served.name
+    choices_per_prompt = body.n
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_events(engine, jobs, chat, identifier, created, model_name, include_usage),
+        events = stream_events(engine, jobs, chat, identifier, created, model_name, include_usage, choices_per_prompt)
+        return StreamingResponse(_finally(events, lambda: finish(router, served, jobs, choices_per_prompt, metrics)),
                                  media_type="text/event-stream")
     try:
-        for submitted in jobs:
-            while await submitted.pieces.get() is not None:
-                pass
+        if not await all_finished(jobs, request):
+            raise OpenAIError(499, "the client went away")  # nobody reads this answer
     finally:
-        release(engine, jobs)
+        finish(router, served, jobs, choices_per_prompt, metrics)
     failed = next((s.job.error for s in jobs if s.job.error), None)
     if failed:
         raise OpenAIError(500, failed, kind="server_error")
@@ -191,17 +259,57 @@ async def respond(engine: BatchEngine, jobs: list[Submitted], body: SamplingFiel
             choice["text"] = result.text
         choices.append(choice)
     return {"id": identifier, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": model_name, "choices": choices, "usage": usage(jobs)}
+            "model": model_name, "choices": choices, "usage": usage(jobs, choices_per_prompt)}
 
 
-def usage(jobs: list[Submitted]) -> dict[str, int]:
-    prompt = sum(len(s.job.generation.prompt_ids) for s in jobs)
+async def all_finished(jobs: list[Submitted], request: Request) -> bool:
+    """Wait until every job is over; False as soon as the client is gone (the jobs are then left
+    for the caller to cancel)."""
+    async def drain() -> None:
+        for submitted in jobs:
+            while await submitted.pieces.get() is not None:
+                pass
+
+    draining = asyncio.ensure_future(drain())
+    try:
+        while not (await asyncio.wait({draining}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                return False
+        return True
+    finally:
+        draining.cancel()
+
+
+def finish(router: ModelRouter, served: Served, jobs: list[Submitted], choices_per_prompt: int,
+           metrics: ServerMetrics) -> None:
+    """However a request ends: cancel what of it still runs, count its prompt, release its model."""
+    release(served.engine, jobs)
+    counted = usage(jobs, choices_per_prompt)
+    metrics.count_prompt(served.name, counted["prompt_tokens"], counted["prompt_tokens_details"]["cached_tokens"])
+    router.release(served)
+
+
+async def _finally(events: AsyncIterator[str], cleanup: Any) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    finally:
+        cleanup()
+
+
+def usage(jobs: list[Submitted], choices_per_prompt: int) -> dict[str, Any]:
+    """OpenAI's usage: each prompt counted once however many choices it has (they share its
+    cache), and how many of its tokens came from the prefix cache."""
+    firsts = [s.job.generation for s in jobs[::choices_per_prompt]]
+    prompt = sum(len(generation.prompt_ids) for generation in firsts)
+    cached = sum(generation.reused_prompt_tokens for generation in firsts)
     completion = sum(len(s.job.generation.generated) for s in jobs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, identifier: str, created: int, model_name: str,
-                        include_usage: bool) -> AsyncIterator[str]:
+async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, identifier: str, created: int,
+                        model_name: str, include_usage: bool, choices_per_prompt: int) -> AsyncIterator[str]:
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -229,18 +337,37 @@ async def stream_events(engine: BatchEngine, jobs: list[Submitted], chat: bool, 
                 return
             yield event([choice(index, None, FINISH_REASONS.get(job.result.finish_reason, "stop"))])
         if include_usage:
-            yield event([], usage=usage(jobs))
+            yield event([], usage=usage(jobs, choices_per_prompt))
         yield "data: [DONE]\n\n"
     finally:
         release(engine, jobs)  # a client that went away frees its slots at the next step
 
 
-def serve(model: Model, model_name: str, host: str, port: int, max_queue: int) -> None:
+def serve(router: ModelRouter, settings: ServerSettings, host: str, port: int) -> None:
+    """Serve until SIGTERM or Ctrl-C: then stop admitting, give running requests SHUTDOWN_GRACE_S
+    to finish, cancel the rest and return."""
     import uvicorn
 
-    engine = BatchEngine(model.runner, max_queue=max_queue)
-    engine.start()
+    if settings.api_key is None and not is_loopback(host):
+        print(f"influence: warning: listening on {host} without --api-key: anyone who can reach this port "
+              "can use the server", file=sys.stderr)
+    app = create_app(router, settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    # uvicorn re-raises the signal that stopped it once it has shut down; by then there is nothing
+    # left to interrupt, so that second delivery must not kill the process with the signal's status.
+    for stopping in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stopping, lambda number, frame: None)
     try:
-        uvicorn.run(create_app(model, engine, model_name), host=host, port=port, log_level="warning")
+        server.run()
     finally:
-        engine.stop()
+        router.close()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

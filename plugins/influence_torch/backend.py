@@ -49,11 +49,11 @@ class TorchRunner(Runner):
             tokens = torch.tensor(list(token_ids), dtype=torch.long, device=self.device)[:, None]
             return self.model(tokens, list(positions))[:, -1]
 
-    def copy_slot(self, source: int, target: int) -> None:
+    def copy_slot(self, source: int, target: int, length: int | None = None) -> None:
         import torch
 
         with torch.inference_mode():
-            self.model.copy_slot(source, target)
+            self.model.copy_slot(source, target, length)
 
     def close(self) -> None:
         self.model = None

@@ -116,9 +116,9 @@ class KVCache(nn.Module):
             self.v[rows][batch, :, step.row_positions] = v[:, :, 0]
         return self.k[rows, :, step.first_key:step.end], self.v[rows, :, step.first_key:step.end]
 
-    def copy_slot(self, source: int, target: int) -> None:
-        self.k[target] = self.k[source]
-        self.v[target] = self.v[source]
+    def copy_slot(self, source: int, target: int, length: int | None = None) -> None:
+        self.k[target, :, :length] = self.k[source, :, :length]
+        self.v[target, :, :length] = self.v[source, :, :length]
 
 
 def _pick(choice: bool | None, default: bool) -> bool:
@@ -243,9 +243,10 @@ class Llama(nn.Module):
         sin = angles.sin()
         self.rope_sin = torch.cat((-sin, sin), dim=-1)[:, None].to(self.attention_dtype)
 
-    def copy_slot(self, source: int, target: int) -> None:
+    def copy_slot(self, source: int, target: int, length: int | None = None) -> None:
+        """Copy positions 0..length-1 (None: all) of one cache slot over another."""
         for layer in self.layers:
-            layer.attention.kv_cache.copy_slot(source, target)
+            layer.attention.kv_cache.copy_slot(source, target, length)
 
     def step(self, length: int, start: int | list[int], first_slot: int) -> Step:
         device = self.embed_tokens.device

@@ -332,8 +332,8 @@ def serve(
     context_length: Annotated[Optional[int], typer.Option(
         min=2, help="Tokens each request's prompt and reply may hold (per cache slot). Default: the model's.")] = None,
     prefill_chunk: Annotated[int, typer.Option(
-        min=1, help="Most prompt tokens computed per step while other requests decode: smaller keeps "
-                    "their streams smoother while a long prompt comes in.")] = DEFAULT_PREFILL_CHUNK,
+        min=8, help="Most prompt tokens computed per step while other requests decode (fewer when a chunk "
+                    "would take longer than a decode step, keeping their streams smooth).")] = DEFAULT_PREFILL_CHUNK,
     prefix_cache: Annotated[bool, typer.Option(
         help="Start each prompt from the longest prefix already in the cache (earlier chat turns).")] = True,
     max_loaded: Annotated[int, typer.Option(

@@ -2,9 +2,10 @@
 
 Cache slots are laid out in three bands. Decoding generations fill slots 0..n-1, so a decode step
 is one batched pass over the first n slots. The generation being prefilled sits in slot n and is
-fed its prompt a chunk per step (`prefill_chunk` tokens while others decode), so a long prompt
-delays the running streams by one chunk per token rather than by the whole prompt, as vLLM's and
-llama.cpp's chunked prefill do. The slots above hold sequences that finished recently, kept warm:
+fed its prompt a chunk per step while others decode, as in vLLM's and llama.cpp's chunked prefill:
+the chunk is sized so that it takes about as long as a decode step (at most `prefill_chunk`
+tokens), so a running stream's gap between tokens at most about doubles while a long prompt comes
+in, instead of stopping for the whole prompt. The slots above hold sequences that finished recently, kept warm:
 a new prompt starts from the longest prefix that any slot holds (a chat client resends the whole
 conversation each turn) and computes only the rest; that prefix is its ``reused_prompt_tokens``.
 
@@ -28,7 +29,8 @@ from .errors import InfluenceError
 from .generation import Generation, GenerationResult
 from .interfaces import Runner
 
-DEFAULT_PREFILL_CHUNK = 256
+DEFAULT_PREFILL_CHUNK = 512
+MIN_PREFILL_CHUNK = 2  # however slow a chunk, a prompt advances at least this much per step
 
 
 class QueueFullError(InfluenceError):
@@ -81,8 +83,8 @@ TokenObserver = Callable[[Job, "float | None"], None]
 class BatchEngine:
     def __init__(self, runner: Runner, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefix_cache: bool = True, on_token: TokenObserver | None = None) -> None:
-        if prefill_chunk < 1:
-            raise InfluenceError(f"the prefill chunk must be >= 1 token, got {prefill_chunk}")
+        if prefill_chunk < MIN_PREFILL_CHUNK:
+            raise InfluenceError(f"the prefill chunk must be >= {MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}")
         self.runner = runner
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
@@ -96,6 +98,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.cancelled = 0  # jobs dropped before they finished, in all (clients that went away)
+        self._decode_seconds = 0.0  # a decode step's duration, smoothed over the last few
+        self._chunk = MIN_PREFILL_CHUNK  # prompt tokens per step while others decode; grows as it can
 
     @property
     def busy_slots(self) -> int:
@@ -182,28 +186,30 @@ class BatchEngine:
 
     def _decode(self) -> None:
         generations = [job.generation for job in self.active]
+        started = time.perf_counter()
         logits = self.runner.decode_batch([g.generated[-1] for g in generations], [g.next_position for g in generations])
+        elapsed = time.perf_counter() - started
+        self._decode_seconds = elapsed if not self._decode_seconds else 0.8 * self._decode_seconds + 0.2 * elapsed
         for job, row in zip(self.active, logits):
             self._accept(job, row)
         self._release([i for i, job in enumerate(self.active) if job.generation.finish_reason])
 
     def _prefill(self) -> None:
-        """Feed prompts into slot len(active): all of one at once when nothing decodes, else at
-        most `prefill_chunk` tokens this step."""
-        spent = 0
+        """Feed prompts into slot len(active): all of one at once when nothing decodes, else one
+        chunk this step."""
         while len(self.active) < self.runner.max_batch:
             job = self.prefilling or self._admit()
             if job is None:
                 return
             prompt = job.generation.prompt_ids
-            remaining = len(prompt) - job.prefilled
-            allowed = remaining if not self.active else min(remaining, self.prefill_chunk - spent)
-            if allowed <= 0:
-                return
-            logits = self.runner.forward(prompt[job.prefilled:job.prefilled + allowed], job.prefilled,
+            decoding = bool(self.active)
+            count = min(len(prompt) - job.prefilled, self._chunk) if decoding else len(prompt) - job.prefilled
+            started = time.perf_counter()
+            logits = self.runner.forward(prompt[job.prefilled:job.prefilled + count], job.prefilled,
                                          slot=len(self.active))
-            job.prefilled += allowed
-            spent += allowed
+            job.prefilled += count
+            if decoding:
+                self._resize_chunk(count, time.perf_counter() - started)
             if job.prefilled < len(prompt):
                 return
             self.prefilling = None
@@ -211,6 +217,16 @@ class BatchEngine:
             self._accept(job, logits)
             if job.generation.finish_reason:
                 self._release([len(self.active) - 1])
+
+    def _resize_chunk(self, count: int, seconds: float) -> None:
+        """Aim the next chunk at a decode step's duration, scaling this one's size by how far its
+        time was off: down at once, up by at most a quarter a step, since a chunk's cost is part
+        fixed and grows faster than its size once the fixed part is covered. Measured rather than
+        modelled, it converges on the size whose cost matches."""
+        if count < self._chunk and seconds < self._decode_seconds:
+            return  # a prompt's short last piece says nothing about a full chunk
+        scale = min(1.25, self._decode_seconds / seconds) if seconds > 0 else 1.25
+        self._chunk = max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(self._chunk * scale + 0.5)))
 
     def _admit(self) -> Job | None:
         """Take the next queued job into slot len(active), starting from the longest cached prefix."""

@@ -115,6 +115,9 @@ def create_app(router: ModelRouter, settings: ServerSettings = ServerSettings())
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0]
+        if first.get("type") == "json_invalid":
+            reason = (first.get("ctx") or {}).get("error", "")
+            return error_response(OpenAIError(400, f"the request body is not valid JSON ({reason})"))
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
         return error_response(OpenAIError(400, f"{location}: {first.get('msg')}", param=location or None))
 
@@ -194,6 +197,7 @@ async def submit(served: Served, prompts: list[Any], body: SamplingFields, raw: 
     jobs: list[Submitted] = []
     try:
         for index, prompt in enumerate(prompts):
+            check_unicode(prompt)
             generation = await loop.run_in_executor(None, functools.partial(
                 model.new_generation,
                 prompt, raw=raw, max_tokens=max_tokens, stop=stop,
@@ -214,6 +218,12 @@ async def submit(served: Served, prompts: list[Any], body: SamplingFields, raw: 
             raise OpenAIError(400, f"the prompt is not valid Unicode text ({error.reason})") from None
         raise
     return jobs
+
+
+def check_unicode(prompt: str | list[dict[str, str]]) -> None:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer takes: raise UnicodeError."""
+    for text in [prompt] if isinstance(prompt, str) else [message["content"] for message in prompt]:
+        text.encode("utf-8")
 
 
 def release(engine: BatchEngine, jobs: list[Submitted]) -> None:

@@ -292,12 +292,24 @@ def test_an_api_key_guards_every_route_but_health(tiny_model):
         server.stop()
 
 
+def wait_until_healthy(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise AssertionError(f"{url} never became healthy")
+
+
 def test_listening_beyond_loopback_without_a_key_warns_once(tiny_model):
     port = free_port()
     process = subprocess.Popen([*CLI, "serve", "-p", str(tiny_model), "--host", "0.0.0.0", "--port", str(port),
                                 "--threads", "1"], stderr=subprocess.PIPE, text=True)
     try:
         lines = [process.stderr.readline() for _ in range(2)]
+        wait_until_healthy(f"http://127.0.0.1:{port}")
     finally:
         process.terminate()
         assert process.wait(20) == 0

@@ -320,6 +320,9 @@ def serve(
     model_names: Annotated[Optional[list[str]], typer.Option(
         "--model", "-m", help="A model by name to serve (as for `generate`); repeatable. The first model given "
                               "answers requests that name none. Without -m or -p: the default model.")] = None,
+    models_dir: Annotated[Optional[Path], typer.Option(
+        "--models-dir", help="Serve every model in this directory (each subdirectory and .gguf file), "
+                             "named after its entry.")] = None,
     backend: BackendOption = "torch",
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -358,7 +361,7 @@ def serve(
     from .server import ServerSettings
     from .server import serve as run_server
 
-    references: list[str | Path] = [*(model_names or []), *(model_paths or [])]
+    references: list[str | Path] = [*(model_names or []), *(model_paths or []), *_models_in(models_dir)]
     if len(references) > 1 and (name or use_ray):
         raise InfluenceError(f"{'--name' if name else '--ray'} serves one model; {len(references)} were given")
     if use_ray:
@@ -383,6 +386,18 @@ def serve(
     print(f"influence: serving {', '.join(router.names)} ({first.backend}, {first.device}, {first.dtype}) on "
           f"http://{host}:{port}/v1", file=sys.stderr)
     run_server(router, ServerSettings(api_key=api_key, max_body_bytes=max_body_bytes), host, port)
+
+
+def _models_in(directory: Optional[Path]) -> list[Path]:
+    if directory is None:
+        return []
+    if not directory.is_dir():
+        raise InfluenceError(f"--models-dir {str(directory)!r} is not a directory")
+    found = sorted(entry for entry in directory.iterdir()
+                   if not entry.name.startswith(".") and (entry.is_dir() or entry.suffix == ".gguf"))
+    if not found:
+        raise InfluenceError(f"--models-dir {str(directory)!r} holds no model (subdirectories or .gguf files)")
+    return found
 
 
 def _serve_with_ray(model_path: Optional[Path], model_name: Optional[str], name: Optional[str], load_options: dict,

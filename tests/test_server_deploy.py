@@ -365,6 +365,17 @@ def test_two_models_served_routed_and_swapped_within_max_loaded(tiny_models):
         server.stop()
 
 
+def test_a_models_directory_serves_each_entry(tiny_model):
+    directory = tiny_model.parent
+    server = Server("--models-dir", str(directory))
+    try:
+        names = [m.id for m in server.client().models.list().data]
+        assert names == sorted(entry.name for entry in directory.iterdir() if entry.is_dir())
+        assert server.health()["loaded"] == names[:1]  # the others load on first use
+    finally:
+        server.stop()
+
+
 def test_load_300_requests_32_at_a_time_with_aborts_keeps_memory_flat(tiny_model):
     server = Server("-p", str(tiny_model), "--max-batch", "8", "--max-queue", "64", "--name", "tiny")
     try:
@@ -393,6 +404,8 @@ def test_load_300_requests_32_at_a_time_with_aborts_keeps_memory_flat(tiny_model
         assert time.monotonic() - started < 240
         health = wait_for_idle(server)
         assert health["active_slots"] == 0 and health["queued"] == 0
+        print(f"RSS after warm-up {warm_rss:.0f} MB, after 300 more requests {server.rss_mb():.0f} MB, "
+              f"{time.monotonic() - started:.1f} s")
         assert server.rss_mb() < 1.3 * warm_rss, (server.rss_mb(), warm_rss)
     finally:
         server.stop()

@@ -335,7 +335,7 @@ def serve(
     context_length: Annotated[Optional[int], typer.Option(
         min=2, help="Tokens each request's prompt and reply may hold (per cache slot). Default: the model's.")] = None,
     prefill_chunk: Annotated[int, typer.Option(
-        min=8, help="Most prompt tokens computed per step while other requests decode (fewer when a chunk "
+        min=4, help="Most prompt tokens computed per step while other requests decode (fewer when a chunk "
                     "would take longer than a decode step, keeping their streams smooth).")] = DEFAULT_PREFILL_CHUNK,
     prefix_cache: Annotated[bool, typer.Option(
         help="Start each prompt from the longest prefix already in the cache (earlier chat turns).")] = True,

@@ -30,7 +30,8 @@ from .generation import Generation, GenerationResult
 from .interfaces import Runner
 
 DEFAULT_PREFILL_CHUNK = 512
-MIN_PREFILL_CHUNK = 2  # however slow a chunk, a prompt advances at least this much per step
+# However slow a chunk, a prompt advances at least this much per step.
+MIN_PREFILL_CHUNK = 4
 
 
 class QueueFullError(InfluenceError):
@@ -220,12 +221,12 @@ class BatchEngine:
 
     def _resize_chunk(self, count: int, seconds: float) -> None:
         """Aim the next chunk at a decode step's duration, scaling this one's size by how far its
-        time was off: down at once, up by at most a quarter a step, since a chunk's cost is part
-        fixed and grows faster than its size once the fixed part is covered. Measured rather than
-        modelled, it converges on the size whose cost matches."""
+        time was off, by at most half or half as much again a step: one noisy step moves it little,
+        and a chunk's cost, part fixed and growing with the prompt's position, is never overshot
+        by much. Measured rather than modelled, it converges on the size whose cost matches."""
         if count < self._chunk and seconds < self._decode_seconds:
             return  # a prompt's short last piece says nothing about a full chunk
-        scale = min(1.25, self._decode_seconds / seconds) if seconds > 0 else 1.25
+        scale = min(1.5, max(0.5, self._decode_seconds / seconds)) if seconds > 0 else 1.5
         self._chunk = max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(self._chunk * scale + 0.5)))
 
     def _admit(self) -> Job | None:

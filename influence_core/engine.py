@@ -83,13 +83,17 @@ TokenObserver = Callable[[Job, "float | None"], None]
 
 class BatchEngine:
     def __init__(self, runner: Runner, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache: bool = True, on_token: TokenObserver | None = None) -> None:
+                 prefix_cache: bool = True, chunked_prefill: bool = True,
+                 on_token: TokenObserver | None = None) -> None:
+        """``chunked_prefill``: False prefills each prompt whole even while others decode (offline
+        batches, where only throughput counts)."""
         if prefill_chunk < MIN_PREFILL_CHUNK:
             raise InfluenceError(f"the prefill chunk must be >= {MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}")
         self.runner = runner
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = prefix_cache
+        self.chunked_prefill = chunked_prefill
         self.on_token = on_token
         self.pending: deque[Job] = deque()
         self.active: list[Job] = []  # active[i] decodes in cache slot i
@@ -203,7 +207,7 @@ class BatchEngine:
             if job is None:
                 return
             prompt = job.generation.prompt_ids
-            decoding = bool(self.active)
+            decoding = bool(self.active) and self.chunked_prefill
             count = min(len(prompt) - job.prefilled, self._chunk) if decoding else len(prompt) - job.prefilled
             started = time.perf_counter()
             logits = self.runner.forward(prompt[job.prefilled:job.prefilled + count], job.prefilled,

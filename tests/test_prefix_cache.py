@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import influence_core as influence
-from influence_core.engine import BatchEngine
+from influence_core.engine import MIN_PREFILL_CHUNK, BatchEngine
 
 BASE = "hello world, the quick brown fox jumps over the lazy dog."
 # Prompts that share prefixes with each other in many ways, and some that share nothing.
@@ -28,7 +28,7 @@ def expected(alone, prompt: str, max_tokens: int) -> list[int]:
     return alone.generate(prompt, raw=True, max_tokens=max_tokens, temperature=0).token_ids
 
 
-@pytest.mark.parametrize("prefill_chunk", [3, 256])
+@pytest.mark.parametrize("prefill_chunk", [MIN_PREFILL_CHUNK, 512])
 def test_waves_of_prompts_sharing_prefixes_give_what_each_gives_alone(alone, batched, prefill_chunk):
     engine = BatchEngine(batched.runner, prefill_chunk=prefill_chunk)
     reused = []

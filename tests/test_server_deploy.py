@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
-import statistics
 import subprocess
 import threading
 import time
@@ -147,13 +146,18 @@ def test_a_stream_keeps_flowing_while_a_2000_token_prompt_is_admitted(long):
     normal = [gap for gap, at in gaps if at < sent]
     during = [gap for gap, at in gaps if sent < at < done]
     assert len(during) > 20, "the stream ended before the long prompt was admitted"
-    # Generous for a loaded machine, whose scheduling noise makes the longest normal gap many times
-    # the median: without chunked prefill the longest gap is the whole prefill (tens of times the
-    # longest normal one); with it, a step takes about twice a decode step.
-    print(f"gaps: normal median {statistics.median(normal):.4f} max {max(normal):.4f}, during the prompt's "
-          f"admission median {statistics.median(during):.4f} max {max(during):.4f} s")
+    # Compared with the same stream's gaps just before, at their longest and at their 90th
+    # percentile, which on a loaded machine carry its scheduling noise: without chunked prefill the
+    # longest gap is the whole prefill (tens of times the longest normal one); with it, a step takes
+    # about twice a decode step.
+    print(f"gaps: normal p90 {p90(normal):.4f} max {max(normal):.4f}, during the prompt's admission "
+          f"p90 {p90(during):.4f} max {max(during):.4f} s")
     assert max(during) < 3 * max(normal), (max(during), max(normal))
-    assert statistics.median(during) < 4 * statistics.median(normal)
+    assert p90(during) < 3 * p90(normal), (p90(during), p90(normal))
+
+
+def p90(values: list[float]) -> float:
+    return sorted(values)[int(0.9 * (len(values) - 1))]
 
 
 def test_a_non_streaming_client_that_gives_up_cancels_its_generations(long):

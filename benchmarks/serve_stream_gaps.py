@@ -45,9 +45,9 @@ def main() -> None:
         time.sleep(0.01)
     time.sleep(args.normal_seconds)
     sent = time.perf_counter()
+    long_prompt = "Summarise: " + "the quick brown fox jumps " * (args.prompt_words // 5)
     reply = httpx.post(f"{args.url}/v1/chat/completions", timeout=600, json={
-        "messages": [{"role": "user", "content": "Summarise: " + "the quick brown fox jumps " * (args.prompt_words // 5)}],
-        "max_tokens": 1, "temperature": 0}).json()
+        "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 1, "temperature": 0}).json()
     done = time.perf_counter()
     admitted.set()
     reader.join()

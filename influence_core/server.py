@@ -125,7 +125,8 @@ def create_app(router: ModelRouter, settings: ServerSettings = ServerSettings())
     async def health() -> dict[str, Any]:
         loaded = router.loaded.values()
         return {"status": "ok", "model": router.default, "loaded": [served.name for served in loaded],
-                "active_slots": sum(s.engine.busy_slots for s in loaded), "queued": sum(s.engine.queued for s in loaded),
+                "active_slots": sum(s.engine.busy_slots for s in loaded),
+                "queued": sum(s.engine.queued for s in loaded),
                 "cancelled": sum(s.engine.cancelled for s in loaded),
                 "max_batch": max((s.model.runner.max_batch for s in loaded), default=0)}
 
@@ -174,7 +175,8 @@ async def acquire(router: ModelRouter, name: str | None) -> Served:
     except ModelNotServed as error:
         raise OpenAIError(404, str(error), param="model", code="model_not_found") from None
     except ModelsBusy as error:
-        raise OpenAIError(429, str(error), kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise OpenAIError(429, str(error), kind="rate_limit_error",
+                          headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except InfluenceError as error:  # the model failed to load
         raise OpenAIError(500, str(error), kind="server_error") from None
 

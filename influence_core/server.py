@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .api import Model
@@ -250,8 +251,11 @@ async def respond(router: ModelRouter, served: Served, jobs: list[Submitted], bo
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         events = stream_events(engine, jobs, chat, identifier, created, model_name, include_usage, choices_per_prompt)
-        return StreamingResponse(_finally(events, lambda: finish(router, served, jobs, choices_per_prompt, metrics)),
-                                 media_type="text/event-stream")
+        cleanup = _once(lambda: finish(router, served, jobs, choices_per_prompt, metrics))
+        # From the stream's end, and after the response: a client gone before the first event
+        # leaves the stream never started, so its own `finally` never runs.
+        return StreamingResponse(_finally(events, cleanup), media_type="text/event-stream",
+                                 background=BackgroundTask(cleanup))
     try:
         if not await all_finished(jobs, request):
             raise OpenAIError(499, "the client went away")  # nobody reads this answer
@@ -301,7 +305,19 @@ def finish(router: ModelRouter, served: Served, jobs: list[Submitted], choices_p
     router.release(served)
 
 
-async def _finally(events: AsyncIterator[str], cleanup: Any) -> AsyncIterator[str]:
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+
+    return run
+
+
+async def _finally(events: AsyncIterator[str], cleanup: Callable[[], None]) -> AsyncIterator[str]:
     try:
         async for event in events:
             yield event

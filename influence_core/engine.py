@@ -78,7 +78,7 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 # Called from the engine thread after each token a job picks, with the time since its previous
 # token (None for the first).
-TokenObserver = Callable[[Job, "float | None"], None]
+TokenObserver = Callable[[Job, float | None], None]
 
 
 class BatchEngine:

@@ -174,7 +174,8 @@ def test_a_request_failing_part_way_cancels_its_other_choices_and_only_it_gets_4
     try:
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
                 "prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True}) as busy:
-            next(line for line in busy.iter_lines() if line.startswith("data:"))  # the one slot is taken
+            lines = busy.iter_lines()  # held: a dropped line iterator closes the connection
+            next(line for line in lines if line.startswith("data:"))  # the one slot is taken
             # Two choices, room for one in the queue: the second is refused, the first must not stay queued.
             refused = httpx.post(f"{server.url}/v1/completions", timeout=30,
                                  json={"prompt": "hi", "max_tokens": 5, "n": 2, "temperature": 1.0})
@@ -217,7 +218,9 @@ def test_sigterm_while_a_request_runs_stops_the_server_within_seconds_with_statu
     try:
         with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60, json={
                 "prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True}) as response:
-            next(line for line in response.iter_lines() if line.startswith("data:"))
+            lines = response.iter_lines()  # held: a dropped line iterator closes the connection
+            next(line for line in lines if line.startswith("data:"))
+            assert server.health()["active_slots"] == 1
             started = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(15) == 0

@@ -217,7 +217,7 @@ class Model:
         from .engine import BatchEngine
 
         generations = [self.new_generation(prompt, **options) for prompt in prompts]
-        engine = BatchEngine(self.runner, max_queue=len(generations))
+        engine = BatchEngine(self.runner, max_queue=len(generations), chunked_prefill=False)
         jobs = [engine.submit(generation) for generation in generations]
         self.cache.token_ids = []  # the batch overwrites slot 0
         engine.run_until_idle()

@@ -121,8 +121,11 @@ class Runner(ABC):
         return torch.stack([self.forward([token], position, slot=slot)
                             for slot, (token, position) in enumerate(zip(token_ids, positions))])
 
-    def copy_slot(self, source: int, target: int) -> None:
-        """Copy one slot's cache over another (to keep active sequences in the first slots)."""
+    def copy_slot(self, source: int, target: int, length: int | None = None) -> None:
+        """Copy positions 0..length-1 (None: every position) of one slot's cache over another: to keep
+        active sequences in the first slots, and to start a sequence from another's cached prefix.
+        A runner may copy more positions than asked; the target's later positions are rewritten
+        before they are read."""
         raise BackendError("this backend's runner holds a single sequence")
 
     def close(self) -> None:

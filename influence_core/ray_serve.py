@@ -33,9 +33,10 @@ class InfluenceReplica:
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
+        from .model_router import ModelRouter
         from .server import create_app
 
-        app = create_app(self.model, self.engine, self.model_name)
+        app = create_app(ModelRouter.single(self.model_name, self.model, self.engine))
 
         @app.middleware("http")
         async def name_the_replica(request: Request, call_next):

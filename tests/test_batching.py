@@ -61,7 +61,10 @@ def test_requests_join_and_leave_a_running_batch(tiny_model):
     engine.step()
     late = engine.submit(model.new_generation(PROMPTS[2], max_tokens=5, temperature=0, raw=True))
     cancelled = engine.submit(model.new_generation(PROMPTS[3], max_tokens=20, temperature=0, raw=True))
-    engine.step()
+    for _ in range(10):  # prompts come in a chunk per step while the first decodes
+        engine.step()
+        if engine.queued == 0 and engine.busy_slots == 3:
+            break
     assert engine.busy_slots == 3
     engine.cancel(cancelled)
     engine.run_until_idle()

@@ -97,10 +97,11 @@ class TorchRunner(Runner):
         # Eager attention reads exactly the positions written so far.
         return self.model(tokens, positions, self.key_positions[:end], self.caches)
 
-    def copy_slot(self, source: int, target: int) -> None:
+    def copy_slot(self, source: int, target: int, length: int | None = None) -> None:
         import torch
 
-        used = self.slot_lengths[source]  # only what the source sequence wrote
+        # Only what the source sequence wrote, or the prefix asked for.
+        used = self.slot_lengths[source] if length is None else min(length, self.slot_lengths[source])
         with torch.inference_mode():
             for cache in self.caches:
                 cache.k[target, :, :used] = cache.k[source, :, :used]

@@ -202,7 +202,8 @@ class TorchBackend(Backend):
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
         runner.weight_format = model.weight_format
         if options.get("compile"):
-            runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}")
+            runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}",
+                                             source.path)
         elif compiled:
             runner.graph_step = load_step(key, device)
         if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one

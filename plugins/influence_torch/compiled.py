@@ -3,7 +3,9 @@
 `torch.export` traces `Llama.forward` for one token per row (any batch, any cache capacity), and
 `torch._inductor.aoti_compile_and_package` turns it into a package of native code and frozen
 weights. That takes a minute or more, so it is done once per model and weight format and kept
-under ``INFLUENCE_HOME/compiled/<key>/``; later processes load the package in seconds.
+under ``INFLUENCE_HOME/exports/compiled/<key>/`` (with the store's manifest naming the model, so
+`influence models list` shows it and `influence models prune` removes it); later processes load the
+package in seconds.
 
 The key names everything the package depends on (the model's files, the weight format, the
 torch version, the device, the CPU's instruction set and this plugin's own code), so a package
@@ -18,7 +20,6 @@ import contextlib
 import hashlib
 import inspect
 import json
-import os
 import platform
 import shutil
 import sys
@@ -38,12 +39,14 @@ from .llama import KVCache, Llama
 
 PACKAGE = "step.pt2"
 KEY_FILE = "key.json"  # written last: a directory without it is an unfinished build
-TIMINGS = "build-seconds.json"  # how long past builds took here, for the next build's estimate
+# The first build's estimate, until this machine has timed its own: SmolLM2-135M's int8 step
+# exported in 9 s and compiled in 72-87 s on a quiet 2-core machine (shared notes, cpu-kernels.md).
+SECONDS_PER_PARAMETER = 90 / 134_515_008
 MAX_BATCH = 64  # the largest batch the compiled step accepts (serve's --max-batch beyond it runs eager)
 
 
 def compiled_dir() -> Path:
-    return store.home() / "compiled"
+    return store.exports_dir("compiled")
 
 
 def step_key(model_fingerprint: str, weight_format: str, device: str) -> dict[str, str]:
@@ -129,8 +132,9 @@ def load_step(key: dict[str, str], device: str) -> CompiledStep | None:
 
 
 def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callable[[int, int], list[KVCache]],
-                 label: str) -> CompiledStep:
-    """Load the compiled step for ``key``, building it first if it is missing or broken."""
+                 label: str, source: Path | None = None) -> CompiledStep:
+    """Load the compiled step for ``key``, building it first if it is missing or broken; ``source``,
+    the model's path, goes into the store's manifest beside it."""
     step = load_step(key, device)
     if step is not None:
         return step
@@ -140,6 +144,10 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
         step = load_step(key, device)  # another process may have built it while this one waited
         if step is None:
             _build(model, key, device, caches, label)
+            if source is not None:
+                (directory / store.MANIFEST).write_text(json.dumps({
+                    "source": str(source.resolve()), "source_fingerprint": store.fingerprint(source),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
             remove_stale(key)
             step = load_step(key, device)
     if step is None:
@@ -165,61 +173,26 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
            label: str) -> None:
     from torch._inductor import aoti_compile_and_package
 
+    from influence_core.catalog import count_parameters
+    from influence_core.progress import report_disk_use, timed_step
     from influence_core.store import atomic_directory
 
     directory = artifact_path(key)
-    estimate = _estimate(key["weight_format"])
-    print(f"influence: compiling the decode step of {label} ({estimate}; once: later runs load it from "
-          f"{directory})", file=sys.stderr)
-    started = time.perf_counter()
+    print(f"influence: compiling the decode step of {label} (once: later runs load it from {directory})",
+          file=sys.stderr)
     batch, capacity = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("capacity", min=2)
     example = (torch.zeros((2, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]], device=device),
                torch.arange(256, device=device), [part for cache in caches(2, 256) for part in cache])
     shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), timed_step("compiling the decode step", f"compiled-{key['weight_format']}",
+                                               count_parameters(model.config), SECONDS_PER_PARAMETER):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing a user can act on
-        with torch.no_grad(), _phase("exporting the graph"):
+        with torch.no_grad():
             exported = torch.export.export(_Step(model), example, dynamic_shapes=shapes, strict=False)
         with atomic_directory(directory) as partial:
-            with _phase("compiling native code (the long part)"):
-                aoti_compile_and_package(exported, package_path=str(partial / PACKAGE),
-                                         inductor_configs={"freezing": True})
+            aoti_compile_and_package(exported, package_path=str(partial / PACKAGE), inductor_configs={"freezing": True})
             (partial / KEY_FILE).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
-    seconds = time.perf_counter() - started
-    _record_build_time(key["weight_format"], seconds)
-    print(f"influence: compiled in {seconds:.0f} s", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _phase(description: str) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr while one build phase runs."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn(description), TimeElapsedColumn(), console=Console(stderr=True),
-                  transient=True) as progress:
-        progress.add_task(description, total=None)
-        yield
-
-
-def _estimate(weight_format: str) -> str:
-    try:
-        seconds = json.loads((compiled_dir() / TIMINGS).read_text(encoding="utf-8"))[weight_format]
-        return f"about {seconds / 60:.1f} minutes, as the last build took here"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "1-3 minutes on a 2-core machine"
-
-
-def _record_build_time(weight_format: str, seconds: float) -> None:
-    path = compiled_dir() / TIMINGS
-    try:
-        timings = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        timings = {}
-    timings[weight_format] = round(seconds, 1)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(timings), encoding="utf-8")
-    partial.replace(path)
+    report_disk_use("the compiled decode step", directory)
 
 
 def remove_stale(keep: dict[str, str]) -> None:

@@ -51,7 +51,7 @@ def open_default_model(*, quantized: bool = False) -> ModelSource:
     path = resolve_default_model()
     bundled = installed_default_gguf()
     if quantized and bundled is not None and path in (bundled, models_dir() / DEFAULT_MODEL.name):
-        return _open_path(bundled)
+        return _with_recommended_sampling(_open_path(bundled))
     return _open_stored(path)
 
 
@@ -74,8 +74,8 @@ def _open_stored(path: Path) -> ModelSource:
 
 
 def _with_recommended_sampling(source: ModelSource) -> ModelSource:
-    """The bundled model's GGUF carries no generation config: give it its authors' settings (which
-    a conversion then writes into the store's generation_config.json)."""
+    """The bundled model's GGUF carries no generation config: give it the settings chosen for it
+    (`DEFAULT_MODEL.generation`), which a conversion then writes into the store's copy."""
     if source.config.generation != type(source.config.generation)():
         return source
     return replace(source, config=replace(source.config, generation=DEFAULT_MODEL.generation))

@@ -97,11 +97,12 @@ def test_an_infinite_temperature_is_refused(capsys, tiny_model):
 def test_the_server_answers_400_for_a_seed_outside_the_range(tiny_model):
     from fastapi.testclient import TestClient
 
-    from influence_core.engine import BatchEngine
+    from influence_core.model_router import EngineSettings, ModelRouter, ModelSpec
     from influence_core.server import create_app
 
-    model = influence.load(tiny_model, max_batch=1)
-    client = TestClient(create_app(model, BatchEngine(model.runner, max_queue=1), "tiny"))
+    router = ModelRouter([ModelSpec("tiny", tiny_model)], lambda spec: influence.load(spec.reference, max_batch=1),
+                         EngineSettings(max_queue=1))
+    client = TestClient(create_app(router))
     for seed in (2**70, 2**64, -1):
         answer = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "seed": seed})
         assert answer.status_code == 400, answer.text

@@ -26,13 +26,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: Path, *args: str) -> None:
+    """`influence serve` in a subprocess: of ``model`` (None: as ``args`` say, or the default model)."""
+
+    def __init__(self, model: Path | None, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen([*CLI, "serve", "-p", str(model), "--port", str(self.port), "--threads", "1",
-                                         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        serving = ["-p", str(model)] if model is not None else []
+        self.process = subprocess.Popen([*CLI, "serve", *serving, "--port", str(self.port), "--threads", "1", *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, **(env or {})})
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
                 if httpx.get(f"{self.url}/health").status_code == 200:
                     return
@@ -51,11 +55,13 @@ class Server:
         return 0.0
 
     def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
 
 
 @pytest.fixture(scope="module")

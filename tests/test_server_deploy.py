@@ -15,51 +15,23 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+import test_server
 from test_server import CLI, free_port, wait_for_idle
 from tiny_models import make_tiny_llama
 
 import influence_core as influence
 
 
-class Server:
+class Server(test_server.Server):
+    """A server started by its arguments alone (-p, -m, --models-dir, or the default model)."""
+
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen([*CLI, "serve", "--port", str(self.port), "--threads", "1", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, **(env or {})})
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not start: {self.process.stderr.read()}")
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health").json()
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
-                             **kwargs)
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        super().__init__(None, *args, env=env)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         text = httpx.get(f"{self.url}/metrics").text
         return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                 for family in text_string_to_metric_families(text) for sample in family.samples}
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
 
 
 @pytest.fixture(scope="module")

@@ -214,7 +214,7 @@ class Model:
     def generate_batch(self, prompts: list[Prompt], **options: Any) -> list[GenerationResult]:
         """Generate for several prompts at once: they decode together, up to ``max_batch`` at a
         time (see `load`), each stopping on its own. Results come back in prompt order."""
-        from .engine import BatchEngine
+        from .batching import BatchEngine
 
         generations = [self.new_generation(prompt, **options) for prompt in prompts]
         engine = BatchEngine(self.runner, max_queue=len(generations), chunked_prefill=False)

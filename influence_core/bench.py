@@ -211,7 +211,7 @@ def _measure_optimum(case: Case, settings: Settings, result: Measurement) -> Non
 
     from influence_core.config import ModelConfig
 
-    from influence_core.store import exports_dir, fingerprint
+    from influence_core.artifacts import exports_dir, fingerprint
 
     export_dir = exports_dir("optimum-reference") / fingerprint(Path(settings.model))
     if not (export_dir / "model.onnx").exists():  # exporting is set-up, not load time

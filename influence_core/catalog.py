@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import store
+from . import artifacts, store
 from .config import ModelConfig
 from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
@@ -44,7 +44,7 @@ class StoredModel:
     quantization: str | None = None
     aliases: list[str] = field(default_factory=list)
     default: bool = False
-    derived: list[store.Derived] = field(default_factory=list)  # exports, compiled steps: made again if removed
+    derived: list[artifacts.Derived] = field(default_factory=list)  # exports, compiled steps: made again if removed
 
     def as_dict(self) -> dict[str, Any]:
         return {**vars(self), "path": str(self.path), "derived": [d.as_dict() for d in self.derived]}
@@ -80,26 +80,26 @@ def list_models() -> list[StoredModel]:
             models[entry].aliases.append(alias)
     if default in models:
         models[default].default = True
-    artifacts = store.derived_artifacts()
+    derived = artifacts.derived_artifacts()
     for model in models.values():
-        model.derived = [artifact for artifact in artifacts if _made_from(artifact, model.path)]
+        model.derived = [artifact for artifact in derived if _made_from(artifact, model.path)]
     return sorted(models.values(), key=lambda model: model.name.lower())
 
 
-def prune(name: str | None = None, everything: bool = False) -> list[store.Derived]:
+def prune(name: str | None = None, everything: bool = False) -> list[artifacts.Derived]:
     """Delete derived artefacts: ``name``'s, every one (``everything``), or else those whose model
     is gone or has changed since (they are never used again). Returns what was deleted."""
-    artifacts = store.derived_artifacts()
+    derived = artifacts.derived_artifacts()
     if name is not None:
         directory = store.entry_directory(_existing_entry(name, store.read_names()))
-        chosen = [artifact for artifact in artifacts if _made_from(artifact, directory)]
+        chosen = [artifact for artifact in derived if _made_from(artifact, directory)]
     else:
-        chosen = artifacts if everything else [artifact for artifact in artifacts if not artifact.current]
-    store.remove_derived(chosen)
+        chosen = derived if everything else [artifact for artifact in derived if not artifact.current]
+    artifacts.remove_derived(chosen)
     return chosen
 
 
-def _made_from(artifact: store.Derived, model_path: Path) -> bool:
+def _made_from(artifact: artifacts.Derived, model_path: Path) -> bool:
     """Whether ``artifact`` was made from the model at ``model_path`` (its directory or its file)."""
     if not artifact.source:
         return False
@@ -146,21 +146,6 @@ def set_default(name: str) -> None:
             names["default"] = entry
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Parameters of a Llama-family model, counted from its config (no weights are read)."""
-    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-    q_size, kv_size = heads * config.head_dim, kv_heads * config.head_dim
-    attention = hidden * q_size + 2 * hidden * kv_size + q_size * hidden
-    if config.attention_bias:
-        attention += q_size + 2 * kv_size + hidden
-    mlp = 3 * hidden * config.intermediate_size
-    if config.mlp_bias:
-        mlp += 2 * config.intermediate_size + hidden
-    layer = attention + mlp + 2 * hidden  # two RMSNorm weights
-    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
-    return embeddings + config.num_hidden_layers * layer + hidden
-
-
 def _entry(name: str, names: dict[str, Any]) -> str:
     """The store name (directory under models/) that ``name`` stands for in the index ``names``;
     refused unless it is a plain name (`store.entry_directory`), whatever the index says."""
@@ -179,7 +164,7 @@ def _existing_entry(name: str, names: dict[str, Any]) -> str:
 
 
 def _describe_directory(directory: Path) -> StoredModel:
-    manifest = store.read_manifest(directory) or {}
+    manifest = artifacts.read_manifest(directory) or {}
     size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
     if "repo" in manifest:
         name = manifest["repo"]
@@ -211,5 +196,5 @@ def _describe(name: str, path: Path, size: int, source: str) -> StoredModel:
     except InfluenceError:
         return model  # listed anyway, with what is known: its name, format, size and source
     model.architecture = config.model_type or None
-    model.parameters = count_parameters(config)
+    model.parameters = config.parameter_count()
     return model

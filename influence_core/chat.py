@@ -159,7 +159,7 @@ def _enable_line_editing() -> None:
         return
     import atexit
 
-    from .store import home
+    from .artifacts import home
 
     history = home() / "chat_history"
     try:

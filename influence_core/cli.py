@@ -17,7 +17,7 @@ import typer
 
 from . import __version__
 from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
-from .engine import DEFAULT_PREFILL_CHUNK
+from .batching import DEFAULT_PREFILL_CHUNK
 from .errors import InfluenceError
 from .sampling import MAX_SEED
 from .server_limits import DEFAULT_MAX_BODY_BYTES
@@ -740,7 +740,7 @@ def convert(
 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise InfluenceError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    from .progress import report_disk_use
+    from .artifacts import report_disk_use
 
     model = open_source(source)
     write_hf_directory(model, out_dir, progress=True)
@@ -782,7 +782,7 @@ app.add_typer(models_app, name="models")
 def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the models in the store; * marks the default."""
     from .catalog import list_models
-    from .hub import format_size
+    from .artifacts import format_size
 
     models = list_models()
     if as_json:
@@ -832,7 +832,7 @@ def models_prune(
     """Remove derived artefacts (ONNX exports, compiled steps): by default those whose model is gone
     or has changed; they are made again when next needed. Models themselves are kept."""
     from .catalog import prune
-    from .hub import format_size
+    from .artifacts import format_size
 
     if name is not None and everything:
         raise InfluenceError("give a model NAME or --all, not both")

@@ -235,6 +235,20 @@ class ModelConfig:
             **{f"model.layers.N.{name}": shape for name, shape in layer.items()},
         }
 
+    def parameter_count(self) -> int:
+        """Parameters of a Llama-family model, counted from its config (no weights are read)."""
+        hidden, heads, kv_heads = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        q_size, kv_size = heads * self.head_dim, kv_heads * self.head_dim
+        attention = hidden * q_size + 2 * hidden * kv_size + q_size * hidden
+        if self.attention_bias:
+            attention += q_size + 2 * kv_size + hidden
+        mlp = 3 * hidden * self.intermediate_size
+        if self.mlp_bias:
+            mlp += 2 * self.intermediate_size + hidden
+        layer = attention + mlp + 2 * hidden  # two RMSNorm weights
+        embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
+        return embeddings + self.num_hidden_layers * layer + hidden
+
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as transformers writes it, for converted models."""
         data = dict(self.raw)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InfluenceError, ModelFormatError, ModelNotFoundError
-from .store import MANIFEST, made_by_store, models_dir, read_manifest, remove_entries
+from .artifacts import MANIFEST, format_size, made_here, read_manifest
+from .store import models_dir, remove_entries
 
 REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")  # ORG/NAME; huggingface_hub checks the finer rules
 # What a model needs besides its weights; files a repo lacks are skipped.
@@ -70,7 +71,7 @@ def download(repo_id: str, *, revision: str | None = None, include: Sequence[str
         print(f"influence: {repo_id} is up to date in the store ({target})", file=sys.stderr)
         return target
 
-    if (target.exists() or target.is_symlink()) and not made_by_store(target, models_dir()):
+    if (target.exists() or target.is_symlink()) and not made_here(target, models_dir()):
         raise InfluenceError(f"{target} is in the way of downloading {repo_id}, and Influence did not make it; "
                              "move it away and run again")
     sizes = {s.rfilename: s.size or 0 for s in info.siblings or ()}
@@ -95,7 +96,7 @@ def download(repo_id: str, *, revision: str | None = None, include: Sequence[str
 def _start_unfinished(partial: Path, repo_id: str, commit: str) -> None:
     """Create (or resume) the unfinished download, marked as the store's own from the start, so
     `influence models rm` may delete it and nothing else."""
-    if (partial.exists() or partial.is_symlink()) and not made_by_store(partial, models_dir()):
+    if (partial.exists() or partial.is_symlink()) and not made_here(partial, models_dir()):
         raise InfluenceError(f"{partial} is in the way of downloading {repo_id}, and Influence did not make it; "
                              "move it away and run again")
     partial.mkdir(parents=True, exist_ok=True)
@@ -223,13 +224,3 @@ def _explain(error: Exception, repo_id: str, revision: str | None) -> InfluenceE
 def _first_line(error: Exception) -> str:
     return next((line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()),
                 type(error).__name__)
-
-
-def format_size(size: float) -> str:
-    if size < 1000:
-        return f"{size:.0f} B"
-    for unit in ("kB", "MB", "GB"):
-        size /= 1000
-        if size < 1000:
-            break
-    return f"{size:.1f} {unit}"

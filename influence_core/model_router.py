@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .engine import DEFAULT_PREFILL_CHUNK, BatchEngine, TokenObserver
+from .batching import DEFAULT_PREFILL_CHUNK, BatchEngine, TokenObserver
 from .errors import InfluenceError
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ REPLICA_HEADER = "X-Influence-Replica"
 class InfluenceReplica:
     def __init__(self, model: str | None, model_name: str, load_options: dict[str, Any], max_queue: int) -> None:
         from .api import load
-        from .engine import BatchEngine
+        from .batching import BatchEngine
 
         self.model = load(model, **load_options)
         self.model_name = model_name

@@ -36,7 +36,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from .api import Model
-from .engine import BatchEngine, Job, QueueFullError
+from .batching import BatchEngine, Job, QueueFullError
 from .errors import InfluenceError
 from .generation import Generation, TokenLogprob
 from .model_router import ModelNotServed, ModelRouter, ModelsBusy, Served

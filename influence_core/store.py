@@ -20,7 +20,6 @@ real directory directly inside models/, not a link, holding the manifest the sto
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,50 +28,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import MANIFEST, atomic_directory, fingerprint, home, made_here, read_manifest
 from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError, ModelNotFoundError
 from .interfaces import ModelSource
 
-MANIFEST = "influence.json"
 NAMES = "models.json"
 NOTICES = "notices.json"  # the notices already shown once (plugins' overrides of built-ins)
 INDEX_LOCK_TIMEOUT_S = 30
 
 
-def home() -> Path:
-    return Path(os.environ.get("INFLUENCE_HOME") or "~/.cache/influence").expanduser()
-
-
 def models_dir() -> Path:
     return home() / "models"
-
-
-def exports_dir(kind: str) -> Path:
-    return home() / "exports" / kind
-
-
-def fingerprint(path: Path) -> str:
-    """Changes whenever the model's files change (names, sizes, modification times)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if file.name == MANIFEST:
-            continue
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n"
-                      .encode())
-    return digest.hexdigest()[:16]
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def installed_default_gguf() -> Path | None:
@@ -99,20 +69,10 @@ def entry_directory(name: str) -> Path:
     return models_dir() / name
 
 
-def made_by_store(directory: Path, root: Path) -> bool:
-    """Whether the store made ``directory``: a real directory (not a link) directly inside ``root``,
-    holding the manifest the store writes into everything it creates."""
-    try:
-        inside = directory.resolve(strict=True).parent == root.resolve(strict=True)
-    except OSError:
-        return False
-    return inside and not directory.is_symlink() and directory.is_dir() and isinstance(read_manifest(directory), dict)
-
-
 def remove_entries(*directories: Path) -> None:
     """Delete directories of models/ that the store made; refuse (deleting none) if any is not one."""
     for directory in directories:
-        if not made_by_store(directory, models_dir()):
+        if not made_here(directory, models_dir()):
             raise InfluenceError(f"{directory} was not made by Influence (it is not a directory of {models_dir()} "
                                  f"holding {MANIFEST}), so it is left alone; remove it yourself if you mean to")
     for directory in directories:
@@ -120,47 +80,6 @@ def remove_entries(*directories: Path) -> None:
             shutil.rmtree(directory)
         except OSError as error:
             raise InfluenceError(f"could not remove {directory}: {error.strerror or error}") from None
-
-
-@dataclass(frozen=True)
-class Derived:
-    """Something made from a model and kept to save time later (an ONNX export, a compiled step):
-    a directory ``exports/KIND/KEY/`` whose manifest names its ``source``, and that can always be
-    made again."""
-
-    kind: str
-    path: Path
-    source: str
-    size_bytes: int
-    current: bool  # its source still exists, unchanged since it was made
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**vars(self), "path": str(self.path)}
-
-
-def derived_artifacts() -> list[Derived]:
-    """Every finished artefact under exports/ that the store made."""
-    found = []
-    for kind_dir in sorted(p for p in (home() / "exports").glob("[!.]*") if p.is_dir()):
-        for directory in sorted(p for p in kind_dir.glob("[!.]*") if made_by_store(p, kind_dir)):
-            manifest = read_manifest(directory) or {}
-            source = str(manifest.get("source", ""))
-            recorded = manifest.get("source_fingerprint")
-            current = bool(source) and Path(source).exists() and (recorded is None or recorded == fingerprint(Path(source)))
-            size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-            found.append(Derived(kind_dir.name, directory, source, size, current))
-    return found
-
-
-def remove_derived(artifacts: list[Derived]) -> None:
-    """Delete artefacts `derived_artifacts` listed (each re-checked as the store's own first)."""
-    for artifact in artifacts:
-        if not made_by_store(artifact.path, home() / "exports" / artifact.kind):
-            raise InfluenceError(f"{artifact.path} was not made by Influence, so it is left alone")
-        try:
-            shutil.rmtree(artifact.path)
-        except OSError as error:
-            raise InfluenceError(f"could not remove {artifact.path}: {error.strerror or error}") from None
 
 
 def read_names() -> dict[str, Any]:
@@ -265,13 +184,13 @@ def convert_into_store(source: ModelSource, name: str) -> Path:
     """Write ``source`` as a Hugging Face directory ``models/NAME``, saying so on stderr; an older
     conversion there is replaced, a directory the store did not make is refused."""
     target = entry_directory(name)
-    if (target.exists() or target.is_symlink()) and not made_by_store(target, models_dir()):
+    if (target.exists() or target.is_symlink()) and not made_here(target, models_dir()):
         raise InfluenceError(f"{target} is in the way of converting {source.path.name} into the store, and Influence "
                              "did not make it; move it away (or load it with -p) and run again")
     print(f"influence: converting {source.path.name} to safetensors in {target} "
           "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
     write_hf_directory(source, target, progress=True)
-    from .progress import report_disk_use
+    from .artifacts import report_disk_use
 
     report_disk_use("the converted model", target)
     return target
@@ -311,23 +230,6 @@ def write_hf_directory(source: ModelSource, target: Path, *, progress: bool = Fa
             "source": str(source.path), "source_format": source.format,
             "source_fingerprint": fingerprint(source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target`` to fill; on success it replaces ``target``, so an
-    interrupted or failed write never leaves a half-written directory behind."""
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-        if target.exists():
-            shutil.rmtree(target)
-        partial.rename(target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def _write_weights(weights: Any, names: list[str], directory: Path, max_shard_bytes: int, progress: bool) -> None:

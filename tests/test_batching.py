@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import influence_core as influence
-from influence_core.engine import BatchEngine, QueueFullError
+from influence_core.batching import BatchEngine, QueueFullError
 
 PROMPTS = ["hello", "the quick brown fox jumps", "Rust is a systems programming language.", "def main():", "🦀"]
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]

@@ -102,7 +102,7 @@ def fake_build(builds: list[float]):
     def build(model, key, device, caches, label):
         builds.append(time.monotonic())
         time.sleep(0.3)  # long enough for a second process to find the lock taken
-        from influence_core.store import atomic_directory
+        from influence_core.artifacts import atomic_directory
 
         with atomic_directory(compiled.artifact_path(key)) as partial:
             (partial / compiled.PACKAGE).write_bytes(b"package")

@@ -180,7 +180,7 @@ def test_chat_multiline_save_and_load(tiny_model, tmp_path):
 
 def test_models_list_shows_derived_artefacts_and_prune_removes_only_the_stores(capsys, tmp_path, tiny_model,
                                                                                monkeypatch):
-    from influence_core import store
+    from influence_core import artifacts, store
     from influence_core.api import open_source
 
     monkeypatch.setenv("INFLUENCE_HOME", str(tmp_path / "home"))
@@ -188,16 +188,16 @@ def test_models_list_shows_derived_artefacts_and_prune_removes_only_the_stores(c
     store.write_hf_directory(open_source(tiny_model), model_dir)
 
     def artefact(kind: str, key: str, source: Path, fingerprint: str) -> Path:
-        directory = store.exports_dir(kind) / key
+        directory = artifacts.exports_dir(kind) / key
         directory.mkdir(parents=True)
         (directory / "model.bin").write_bytes(b"x" * 1000)
-        (directory / store.MANIFEST).write_text(json.dumps({"source": str(source), "source_fingerprint": fingerprint}))
+        (directory / artifacts.MANIFEST).write_text(json.dumps({"source": str(source), "source_fingerprint": fingerprint}))
         return directory
 
-    current = artefact("onnx", "a", model_dir, store.fingerprint(model_dir))
+    current = artefact("onnx", "a", model_dir, artifacts.fingerprint(model_dir))
     stale = artefact("onnx", "b", model_dir, "an older fingerprint")
     orphan = artefact("compiled", "c", tmp_path / "gone", "x")
-    foreign = store.exports_dir("onnx") / "not-ours"
+    foreign = artifacts.exports_dir("onnx") / "not-ours"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
 

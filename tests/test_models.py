@@ -12,7 +12,6 @@ from test_hub import assert_one_error_line, invoke, model_files
 from influence_core import hub as hub_module
 from influence_core import store
 from influence_core.api import open_source
-from influence_core.catalog import count_parameters
 from influence_core.config import ModelConfig
 
 
@@ -46,7 +45,7 @@ def test_parameters_counted_from_the_config_match_the_weights(tiny_models):
         for path in directory.glob("*.safetensors"):
             with safe_open(str(path), framework="pt") as weights:
                 stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-        assert count_parameters(ModelConfig.from_dir(directory)) == stored, directory.name
+        assert ModelConfig.from_dir(directory).parameter_count() == stored, directory.name
 
 
 def test_list_shows_every_model_and_where_it_came_from(capsys, hub, filled_store, tiny_models, wheel_gguf):
@@ -60,7 +59,7 @@ def test_list_shows_every_model_and_where_it_came_from(capsys, hub, filled_store
     assert downloaded["path"] == str(directory) and downloaded["format"] == "safetensors"
     assert downloaded["source"] == f"hub org/tiny@{filled_store.sha[:12]} via {hub.url}"
     assert downloaded["architecture"] == "llama" and downloaded["quantization"] == "float32"
-    assert downloaded["parameters"] == count_parameters(ModelConfig.from_dir(tiny_models["gqa_llama3_rope"]))
+    assert downloaded["parameters"] == ModelConfig.from_dir(tiny_models["gqa_llama3_rope"]).parameter_count()
     assert downloaded["size_bytes"] == sum(len(data) for data in model_files(directory).values())
     assert models["tied"]["source"] == f"converted from {tiny_models['tied_linear_rope']}"
     assert models["sharded"]["source"] == "placed by hand" and models["sharded"]["parameters"] > 0

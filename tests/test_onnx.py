@@ -18,7 +18,7 @@ from cli_helpers import CLI, assert_one_error_line, invoke
 
 import influence_core as influence
 from influence_core.api import open_source
-from influence_core.store import exports_dir, fingerprint
+from influence_core.artifacts import exports_dir, fingerprint
 from influence_onnx import backend as onnx_backend
 from influence_onnx import export as onnx_export
 from tiny_models import TINY_VARIANTS

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import influence_core as influence
-from influence_core.engine import MIN_PREFILL_CHUNK, BatchEngine
+from influence_core.batching import MIN_PREFILL_CHUNK, BatchEngine
 
 BASE = "hello world, the quick brown fox jumps over the lazy dog."
 # Prompts that share prefixes with each other in many ways, and some that share nothing.

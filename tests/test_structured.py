@@ -12,7 +12,7 @@ import torch
 
 import influence_core as influence
 from influence_core import Constraint, SamplingError
-from influence_core.engine import BatchEngine
+from influence_core.batching import BatchEngine
 
 from cli_helpers import assert_one_error_line, invoke
 

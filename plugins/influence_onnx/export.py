@@ -28,9 +28,9 @@ from pathlib import Path
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
 from influence_core.interfaces import ModelSource
-from influence_core.progress import report_disk_use, timed_step
-from influence_core.store import (MANIFEST, atomic_directory, convert_into_store, exports_dir, fingerprint,
-                                  models_dir, read_manifest)
+from influence_core.artifacts import (MANIFEST, atomic_directory, exports_dir, fingerprint, read_manifest,
+                                      report_disk_use, timed_step)
+from influence_core.store import convert_into_store, models_dir
 from influence_core.tokenizer import Tokenizer
 
 MODEL_FILE = "model.onnx"
@@ -162,9 +162,8 @@ def model_file(export: Path, dtype: str) -> Path:
 
 def _parameters(directory: Path) -> int:
     """The model's parameter count, from its config (the size an estimate scales with)."""
-    from influence_core.catalog import count_parameters
 
-    return count_parameters(ModelConfig.from_dir(directory))
+    return ModelConfig.from_dir(directory).parameter_count()
 
 
 def _check_graph(export: Path, path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from influence_core.errors import BackendError, ContextLengthError
 from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
-from influence_core.store import fingerprint
+from influence_core.artifacts import fingerprint
 
 
 FIRST_CAPACITY = 256  # KV positions a runner starts with; the cache doubles from there as runs need

@@ -23,7 +23,6 @@ import json
 import platform
 import shutil
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from filelock import FileLock, Timeout
 
-from influence_core import store
+from influence_core import artifacts
 from influence_core.errors import BackendError
 
 from .llama import KVCache, Llama
@@ -46,7 +45,7 @@ MAX_BATCH = 64  # the largest batch the compiled step accepts (serve's --max-bat
 
 
 def compiled_dir() -> Path:
-    return store.exports_dir("compiled")
+    return artifacts.exports_dir("compiled")
 
 
 def step_key(model_fingerprint: str, weight_format: str, device: str) -> dict[str, str]:
@@ -145,9 +144,7 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
         if step is None:
             _build(model, key, device, caches, label)
             if source is not None:
-                (directory / store.MANIFEST).write_text(json.dumps({
-                    "source": str(source.resolve()), "source_fingerprint": store.fingerprint(source),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n", encoding="utf-8")
+                artifacts.write_manifest(directory, source)
             remove_stale(key)
             step = load_step(key, device)
     if step is None:
@@ -173,9 +170,7 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
            label: str) -> None:
     from torch._inductor import aoti_compile_and_package
 
-    from influence_core.catalog import count_parameters
-    from influence_core.progress import report_disk_use, timed_step
-    from influence_core.store import atomic_directory
+    from influence_core.artifacts import atomic_directory, report_disk_use, timed_step
 
     directory = artifact_path(key)
     print(f"influence: compiling the decode step of {label} (once: later runs load it from {directory})",
@@ -185,7 +180,7 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
                torch.arange(256, device=device), [part for cache in caches(2, 256) for part in cache])
     shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
     with warnings.catch_warnings(), timed_step("compiling the decode step", f"compiled-{key['weight_format']}",
-                                               count_parameters(model.config), SECONDS_PER_PARAMETER):
+                                               model.config.parameter_count(), SECONDS_PER_PARAMETER):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing a user can act on
         with torch.no_grad():
             exported = torch.export.export(_Step(model), example, dynamic_shapes=shapes, strict=False)

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import influence_core as influence
-    from influence_core.perplexity import measure_all
+    from influence_bench.perplexity import measure_all
     from influence_core.store import DEFAULT_MODEL, models_dir
 
     text = args.text.read_text(encoding="utf-8")

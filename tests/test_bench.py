@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from influence_core.bench import Case, Measurement, summarise, weight_bytes_per_token
+from influence_bench.bench import Case, Measurement, summarise, weight_bytes_per_token
 from influence_core.config import ModelConfig
 
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]

@@ -8,7 +8,7 @@ import sys
 
 from cli_helpers import assert_one_error_line, invoke
 
-from influence_core import bench
+from influence_bench import bench
 
 
 def test_bench_cli_times_whole_generate_processes(tiny_model, capsys):

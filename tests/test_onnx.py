@@ -268,7 +268,7 @@ def test_compare_runs_both_backends_and_reports_agreement(home, tiny_model, caps
 
 
 def test_compare_names_the_first_divergent_token():
-    from influence_core.compare import first_divergence
+    from influence_bench.compare import first_divergence
 
     assert first_divergence([[1, 2, 3], [1, 2, 3]]) is None
     assert first_divergence([[1, 2, 3], [1, 5, 3]]) == 1

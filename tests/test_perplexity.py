@@ -11,7 +11,7 @@ from cli_helpers import assert_one_error_line, invoke
 from tiny_models import TRAINING_TEXT
 
 import influence_core as influence
-from influence_core.perplexity import chunks, measure
+from influence_bench.perplexity import chunks, measure
 
 TEXT = " ".join(TRAINING_TEXT[:12])
 CONTEXT = 32

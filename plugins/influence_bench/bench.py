@@ -324,7 +324,7 @@ def memory_bandwidth_gb_s(threads: int) -> float:
 
 def run_case(case: Case, settings: Settings, timeout_s: float = 1800) -> Measurement:
     payload = json.dumps({"case": asdict(case), "settings": asdict(settings)})
-    done = subprocess.run([sys.executable, "-m", "influence_core.bench", payload], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "influence_bench.bench", payload], capture_output=True, text=True,
                           timeout=timeout_s)
     if done.returncode != 0 or not done.stdout.strip():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]

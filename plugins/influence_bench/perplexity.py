@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .errors import InfluenceError
+from influence_core.errors import InfluenceError
 
 
 @dataclass

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .api import load, open_default_model, open_source
-from .errors import InfluenceError
+from influence_core.api import load, open_default_model, open_source
+from influence_core.errors import InfluenceError
 
 
 @dataclass

@@ -97,8 +97,8 @@ def test_an_infinite_temperature_is_refused(capsys, tiny_model):
 def test_the_server_answers_400_for_a_seed_outside_the_range(tiny_model):
     from fastapi.testclient import TestClient
 
-    from influence_core.model_router import EngineSettings, ModelRouter, ModelSpec
-    from influence_core.server import create_app
+    from influence_serve.router import EngineSettings, ModelRouter, ModelSpec
+    from influence_serve.server import create_app
 
     router = ModelRouter([ModelSpec("tiny", tiny_model)], lambda spec: influence.load(spec.reference, max_batch=1),
                          EngineSettings(max_queue=1))

@@ -46,7 +46,7 @@ def expected() -> dict[str, str]:
 def replicas(expected):
     from ray import serve
 
-    from influence_core import ray_serve
+    from influence_serve import ray_serve
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # Small on purpose: two replicas of one thread each share this machine's cores.

@@ -13,6 +13,10 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from influence_core.structured import ToolCall
+from influence_grammar import HERMES
+from influence_serve.tools import ReplyFilter, ToolPlan
+
 from test_onnx import default_model_source
 from test_server import Server
 from tiny_models import make_tiny_llama
@@ -99,6 +103,20 @@ def test_required_tool_choice_returns_valid_calls(tiny_server, parallel):
     assert choice.finish_reason == "tool_calls"
     assert_valid_calls(choice.message)
     assert parallel or len(choice.message.tool_calls) == 1
+
+
+def test_a_stream_holds_back_text_from_where_a_call_opens():
+    functions = [{"name": "f", "parameters": {"type": "object"}}]
+    auto = ToolPlan(HERMES, functions, native=True, calling=True, forced=False, parallel=True, constraint=None)
+    reply = ReplyFilter(auto)
+    pieces = ["Let me ", "check <", "tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}", "\n</tool_call>"]
+    sent = [reply.push(piece) for piece in pieces]
+    assert "".join(sent) == "Let me check " and sent[1] == "check "
+    assert reply.finish() == ("", [ToolCall("f", {})])
+    plain = ReplyFilter(auto)
+    assert plain.push("a < b") == "a < b" and plain.push(" <tool") == " " and plain.finish() == ("<tool", [])
+    forced = ReplyFilter(ToolPlan(HERMES, functions, True, True, True, False, None))
+    assert forced.push("<tool_call>") == "" and forced.finish() == ("<tool_call>", [])
 
 
 def test_named_function_is_the_one_called(tiny_server):

@@ -235,21 +235,3 @@ def test_grammar_plugin_is_listed(capsys):
     code, out, _ = invoke(capsys, "plugins", "--json")
     provides = {p["name"]: p["provides"] for p in json.loads(out)}
     assert "sampler:grammar" in provides["grammar"] and "tool_parser:hermes" in provides["grammar"]
-
-
-
-def test_a_stream_holds_back_text_from_where_a_call_opens():
-    from influence_core.tools import ReplyFilter, ToolPlan
-    from influence_grammar import HERMES
-
-    functions = [{"name": "f", "parameters": {"type": "object"}}]
-    auto = ToolPlan(HERMES, functions, native=True, calling=True, forced=False, parallel=True, constraint=None)
-    reply = ReplyFilter(auto)
-    pieces = ["Let me ", "check <", "tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}", "\n</tool_call>"]
-    sent = [reply.push(piece) for piece in pieces]
-    assert "".join(sent) == "Let me check " and sent[1] == "check "
-    assert reply.finish() == ("", [influence.structured.ToolCall("f", {})])
-    plain = ReplyFilter(auto)
-    assert plain.push("a < b") == "a < b" and plain.push(" <tool") == " " and plain.finish() == ("<tool", [])
-    forced = ReplyFilter(ToolPlan(HERMES, functions, True, True, True, False, None))
-    assert forced.push("<tool_call>") == "" and forced.finish() == ("<tool_call>", [])

@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .batching import BatchEngine, Job
+    from influence_core.batching import BatchEngine, Job
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InfluenceError
-from .interfaces import ToolParser
-from .plugins import get_registry
-from .structured import Constraint, ToolCall
-from .tokenizer import Tokenizer
+from influence_core.errors import InfluenceError
+from influence_core.interfaces import ToolParser
+from influence_core.plugins import get_registry
+from influence_core.structured import Constraint, ToolCall
+from influence_core.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batching import DEFAULT_PREFILL_CHUNK, BatchEngine, TokenObserver
-from .errors import InfluenceError
+from influence_core.batching import DEFAULT_PREFILL_CHUNK, BatchEngine, TokenObserver
+from influence_core.errors import InfluenceError
 
 if TYPE_CHECKING:
-    from .api import Model
+    from influence_core.api import Model
 
 
 class ModelNotServed(InfluenceError):

@@ -2,8 +2,8 @@
 JSON 500 for anything unexpected, and the count of answers by status.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware, which buffers streams and hides client
-disconnects from the routes). The CLI reads this module's defaults, so it imports no web framework
-at module level.
+disconnects from the routes). The ``serve`` command reads this module's defaults, so it imports no web
+framework at module level.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ REPLICA_HEADER = "X-Influence-Replica"
 @serve.ingress()  # the app is built on each replica, by __serve_build_asgi_app__, around its own model
 class InfluenceReplica:
     def __init__(self, model: str | None, model_name: str, load_options: dict[str, Any], max_queue: int) -> None:
-        from .api import load
-        from .batching import BatchEngine
+        from influence_core.api import load
+        from influence_core.batching import BatchEngine
 
         self.model = load(model, **load_options)
         self.model_name = model_name
@@ -33,7 +33,7 @@ class InfluenceReplica:
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        from .model_router import ModelRouter
+        from .router import ModelRouter
         from .server import create_app
 
         app = create_app(ModelRouter.single(self.model_name, self.model, self.engine))

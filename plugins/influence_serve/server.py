@@ -3,10 +3,10 @@ batching and a prefix cache.
 
 Routes: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/completions, POST
 /v1/chat/completions (the model's chat template), streaming as server-sent events in OpenAI's chunk
-format. The request's ``model`` picks one of the served models (`model_router`). Every request
+format. The request's ``model`` picks one of the served models (`router`). Every request
 becomes one or more generations in that model's `BatchEngine`; a client that goes away, streaming
 or not, frees its slots at the next step, and so does every choice of a request that failed.
-Every error, ours or the framework's, is an OpenAI-shaped JSON body (`server_limits`).
+Every error, ours or the framework's, is an OpenAI-shaped JSON body (`limits`).
 
 Every request field is either honoured or refused with a 400 naming it: structured output
 (``response_format``), tools, logprobs, OpenAI's penalties and vLLM's ``top_k``, ``min_p`` and
@@ -35,15 +35,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from .api import Model
-from .batching import BatchEngine, Job, QueueFullError
-from .errors import InfluenceError
-from .generation import Generation, TokenLogprob
-from .model_router import ModelNotServed, ModelRouter, ModelsBusy, Served
-from .sampling import MAX_SEED
-from .server_limits import DEFAULT_MAX_BODY_BYTES, RequestGuard, openai_error_body
-from .server_metrics import CONTENT_TYPE, ServerMetrics
-from .structured import constraint_from
+from influence_core.api import Model
+from influence_core.batching import BatchEngine, Job, QueueFullError
+from influence_core.errors import InfluenceError
+from influence_core.generation import Generation, TokenLogprob
+from influence_core.sampling import MAX_SEED
+from influence_core.structured import constraint_from
+
+from .limits import DEFAULT_MAX_BODY_BYTES, RequestGuard, openai_error_body
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .router import ModelNotServed, ModelRouter, ModelsBusy, Served
 from .tools import ReplyFilter, ToolPlan, plan_tools, split_reply, template_messages
 
 # OpenAI's finish reasons: "stop" when the model or a stop string ended it, "length" when a limit did.

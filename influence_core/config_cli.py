@@ -33,6 +33,8 @@ def default_map(group: Any, config: UserConfig) -> dict[str, dict[str, Any]]:
     that a wrong one is an error naming the file, table and key (never a silent default)."""
     result: dict[str, dict[str, Any]] = {}
     for command_name, values in config.commands.items():
+        if command_name not in group.commands:  # a plugin's command (serve) this run did not load: no option reads it
+            continue
         options = configurable_options(group.commands[command_name])
         result[command_name] = {_checked(config, f"[{command_name}]", options, key, value).name: value
                                 for key, value in values.items()}
@@ -79,7 +81,11 @@ def _split_key(key: str) -> tuple[tuple[str, ...], str]:
 
 
 def _option_for(group: Any, table: tuple[str, ...], setting: str) -> Any:
-    options = configurable_options(group.commands[table[0] if table[0] != "models" else "generate"])
+    command_name = table[0] if table[0] != "models" else "generate"
+    if command_name not in group.commands:
+        raise InfluenceError(f"`influence {command_name}` is not installed (a plugin provides it; see "
+                             "`influence plugins`), so its settings cannot be checked")
+    options = configurable_options(group.commands[command_name])
     allowed = MODEL_KEYS if table[0] == "models" else sorted(options)
     if setting not in allowed:
         raise InfluenceError(f"[{'.'.join(table)}] has no setting {setting!r} (settings: {', '.join(allowed)})")
@@ -99,7 +105,7 @@ def config_show(as_json: Annotated[bool, typer.Option("--json", help="Print JSON
     group = _group()
     default_map(group, config)  # refuses a wrong file before showing anything
     rows = []
-    for command_name in CONFIGURABLE_COMMANDS:
+    for command_name in (name for name in CONFIGURABLE_COMMANDS if name in group.commands):
         table = config.commands.get(command_name, {})
         for key, option in configurable_options(group.commands[command_name]).items():
             from_file = key in table

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
-from cli_helpers import CLI, help_in_a_fresh_process, invoke
+from cli_helpers import CLI, assert_one_error_line, help_in_a_fresh_process, invoke
 
 
 def influence(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -21,6 +22,14 @@ def test_help_and_version_do_not_import_torch():
     version = influence("--version")
     assert version.returncode == 0 and version.stdout.startswith("influence ")
 
+
+
+@pytest.mark.parametrize("missing", ["fastapi", "uvicorn", "prometheus_client"])
+def test_serve_without_the_serve_extra_names_it(capsys, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # what find_spec reports for a module that is not installed
+    code, out, err = invoke(capsys, "serve", "--port", "8123")
+    assert_one_error_line(code, err, f"`influence serve` needs {missing}: pip install 'influence[serve]'")
+    assert out == ""
 
 def test_json_output_has_text_tokens_and_timings(capsys, tiny_model):
     code, out, _ = invoke(capsys, "generate", "hello", "-p", str(tiny_model), "--max-tokens", "4", "--json")

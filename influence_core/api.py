@@ -12,18 +12,15 @@ from __future__ import annotations
 import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .catalog import find_model
-from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+from .defaults import DEFAULT_MAX_TOKENS
 from .errors import InfluenceError, ModelNotFoundError
 from .generation import CacheState, Generation, GenerationResult, TextStream
 from .interfaces import ModelSource, Runner
-from .plugins import call_plugin, get_registry
+from .plugins import Registry, call_plugin, get_registry
 from .sampling import SamplingParams, build_chain
-from .store import convert_into_store, installed_default_gguf, models_dir, resolve_default_model
 from .structured import constraint_from
 
 Prompt = str | list[dict[str, str]] | list[int]
@@ -33,26 +30,27 @@ def open_source(model: str | Path) -> ModelSource:
     """Open a model (config and tokenizer; weights stay lazy).
 
     A `Path` is a model file or directory. A string is one too if it exists; otherwise it is a model
-    name: an alias, a name in the store, or ORG/NAME on the Hugging Face hub, downloaded into the
-    store on first use (see `influence_core.catalog`).
+    name, which the installed model resolvers look up (hook spec 1.2; the shipped ``models`` plugin
+    knows aliases, names in the store, and ORG/NAME on the Hugging Face hub, downloaded into the
+    store on first use).
     """
     path = Path(model).expanduser()
     if path.exists():
         return _open_path(path)
     if isinstance(model, Path):
         raise ModelNotFoundError(f"model path {str(model)!r} does not exist")
-    return _open_stored(find_model(model))
+    return _opened(get_registry().resolve_model(model))
 
 
 def open_default_model(*, quantized: bool = False) -> ModelSource:
-    """The model `influence models default` chose, else the bundled one. ``quantized``: the bundled
-    model as its GGUF, whose own quantized blocks a quantized format runs, rather than the float
-    copy converted into the store (which loads faster in a float format)."""
-    path = resolve_default_model()
-    bundled = installed_default_gguf()
-    if quantized and bundled is not None and path in (bundled, models_dir() / DEFAULT_MODEL.name):
-        return _with_recommended_sampling(_open_path(bundled))
-    return _open_stored(path)
+    """The default model, as the model resolvers find it (the shipped ones: the model `influence
+    models default` chose, else the bundled one). ``quantized``: the caller will run a quantized
+    format, so a model held both as a quantized file and as a float copy comes as the file."""
+    return _opened(get_registry().resolve_model(None, prefer_quantized=quantized))
+
+
+def _opened(resolved: Path | ModelSource) -> ModelSource:
+    return resolved if isinstance(resolved, ModelSource) else _open_path(resolved)
 
 
 def _open_path(path: Path) -> ModelSource:
@@ -61,32 +59,12 @@ def _open_path(path: Path) -> ModelSource:
     return call_plugin(registry, loader, f"loader {loader.name!r}", loader.load, path)
 
 
-def _open_stored(path: Path) -> ModelSource:
-    """Open a model the store resolved; the bundled model's GGUF is converted into the store once, so
-    later runs load it fast."""
-    bundled = path in (installed_default_gguf(), models_dir() / DEFAULT_MODEL.name)
-    source = _open_path(path)
-    if bundled:
-        source = _with_recommended_sampling(source)
-    if source.hf_directory is None and path == installed_default_gguf():
-        source = _with_recommended_sampling(_open_path(convert_into_store(source, DEFAULT_MODEL.name)))
-    return source
-
-
-def _with_recommended_sampling(source: ModelSource) -> ModelSource:
-    """The bundled model's GGUF carries no generation config: give it the settings chosen for it
-    (`DEFAULT_MODEL.generation`), which a conversion then writes into the store's copy."""
-    if source.config.generation != type(source.config.generation)():
-        return source
-    return replace(source, config=replace(source.config, generation=DEFAULT_MODEL.generation))
-
-
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
          dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
          max_batch: int | None = None, tensor_parallel: int | None = None, compiled: bool = False) -> Model:
-    """Load ``model`` onto a backend and device: a path, a model name (ORG/NAME on the Hugging Face
-    hub, downloaded on first use; a name in the store; an alias), an opened `ModelSource`, or None
-    for the default model.
+    """Load ``model`` onto a backend and device: a path, a model name (as `open_source` looks it up:
+    ORG/NAME on the Hugging Face hub, downloaded on first use; a name in the store; an alias), an
+    opened `ModelSource`, or None for the default model.
 
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (the backend's best for this model
     and device: for torch on a CPU, the file's own precision, so int4 for a 4-bit GGUF; bfloat16 on
@@ -106,15 +84,16 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     registry = get_registry()
     engine = registry.backend(backend)
     resolved_device = engine.resolve_device(device)
+    # A backend that reads weights itself may run a quantized file's own blocks (the bundled GGUF's);
+    # only if it picks a quantized format for them, though (`auto` on a CPU, or int8/int4 asked for).
+    prefer_quantized = model is None and engine.uses_architectures and dtype in ("auto", "int8", "int4")
     if model is None:
-        # A backend that reads weights itself may run the bundled GGUF's own blocks; only if it
-        # picks a quantized format for them, though (`auto` on a CPU, or int8/int4 asked for).
-        source = open_default_model(quantized=engine.uses_architectures and dtype in ("auto", "int8", "int4"))
+        source = open_default_model(quantized=prefer_quantized)
     else:
         source = model if isinstance(model, ModelSource) else open_source(model)
     resolved_dtype = engine.resolve_dtype(dtype, resolved_device, source)
-    if model is None and source.path == installed_default_gguf() and resolved_dtype not in ("int8", "int4"):
-        source = open_default_model()
+    if prefer_quantized and resolved_dtype not in ("int8", "int4"):
+        source = _float_default_model(registry, source)
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
                {"threads": threads, "context_length": context_length, "max_batch": max_batch,
@@ -125,6 +104,12 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
                          resolved_device, resolved_dtype, options)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)
+
+
+def _float_default_model(registry: Registry, quantized: ModelSource) -> ModelSource:
+    """The default model again for a float format, where the resolvers hold another copy for it."""
+    resolved = registry.resolve_model(None, prefer_quantized=False)
+    return quantized if resolved == quantized.path else _opened(resolved)
 
 
 class Model:

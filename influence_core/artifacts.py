@@ -7,6 +7,10 @@ things there that every plugin may use:
                         a directory holding a manifest, influence.json, that names its ``source``
                         and the source's fingerprint, so it can be listed, found stale and pruned
     timings.json        how long one-off steps took here, for the next estimate (`timed_step`)
+    notices.json        the notices already shown once (plugins' overrides of built-ins)
+
+Small JSON files that several processes may edit at once (those, an index of names) are edited under
+a file lock and replaced atomically (`editing_json`).
 
 An artefact is written into a hidden sibling and renamed into place (`atomic_directory`), so a
 crash never leaves half of one; Influence deletes only directories it made itself (`made_here`).
@@ -20,8 +24,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from typing import Any
 from .errors import InfluenceError
 
 MANIFEST = "influence.json"
+JSON_LOCK_TIMEOUT_S = 30
 
 
 def home() -> Path:
@@ -90,6 +96,41 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def editing_json(path: Path, read: Callable[[], dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``read()``'s JSON object, to change in the block and have written back to ``path`` under a
+    file lock: written only if the block succeeds, and atomically, so no other process interleaves
+    its edit and a crash or a concurrent reader never sees half of it."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_name(f".{path.name}.lock"))
+    try:
+        lock.acquire(timeout=JSON_LOCK_TIMEOUT_S)
+    except Timeout:
+        raise InfluenceError(f"another influence process has held {lock.lock_file} for "
+                             f"{JSON_LOCK_TIMEOUT_S} s; try again when it is done") from None
+    try:
+        data = read()
+        yield data
+        _replace_json(path, data)
+    finally:
+        lock.release()
+
+
+def _replace_json(path: Path, data: dict[str, Any]) -> None:
+    descriptor, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
         raise
 
 

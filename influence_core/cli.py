@@ -29,14 +29,13 @@ app = typer.Typer(
 
 
 def _complete_model_names(incomplete: str) -> list[str]:
-    """Shell completion for -m: the store's models and their aliases."""
-    from .catalog import list_models
+    """Shell completion for -m: the names the model resolvers list (the store's models and aliases)."""
+    from .plugins import get_registry
 
     try:
-        models = list_models()
-    except InfluenceError:
+        names = get_registry().model_names()
+    except InfluenceError:  # a broken store or resolver: no completions rather than an error mid-line
         return []
-    names = [name for model in models for name in (model.name, *model.aliases)]
     return [name for name in names if name.startswith(incomplete)]
 
 ModelPathOption = Annotated[Optional[Path], typer.Option(
@@ -320,15 +319,16 @@ def _model_settings(ctx: typer.Context, reference: Optional[Path | str]) -> dict
     return {key: value for key, value in settings.items() if ctx.get_parameter_source(key).name != "COMMANDLINE"}
 
 
-def _model_label(reference: Optional[Path | str]) -> str:
-    """The name a ``[models.NAME]`` table uses: -m's value, -p's last part, or the default model's name."""
+def _model_label(reference: Optional[Path | str]) -> Optional[str]:
+    """The name a ``[models.NAME]`` table uses: -m's value, -p's last part, or the default model's name
+    (as the model resolvers give it)."""
     if isinstance(reference, Path):
         return reference.name
     if reference is not None:
         return reference
-    from .store import read_names
+    from .plugins import get_registry
 
-    return read_names().get("default") or DEFAULT_MODEL.name
+    return get_registry().default_model_name()
 
 
 @app.command()
@@ -380,138 +380,6 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides),
                       "\n".join(info.overrides))
     Console().print(table)
-
-
-@app.command()
-def convert(
-    source: Annotated[Path, typer.Argument(help="A model in any format a loader reads, e.g. MODEL.gguf.")],
-    out_dir: Annotated[Path, typer.Argument(help="The Hugging Face directory to write.")],
-    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
-) -> None:
-    """Write a model as a standard Hugging Face directory (config, tokenizer, safetensors weights)."""
-    from .api import open_source
-    from .store import write_hf_directory
-
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise InfluenceError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    from .artifacts import report_disk_use
-
-    model = open_source(source)
-    write_hf_directory(model, out_dir, progress=True)
-    report_disk_use("the converted model", out_dir)
-    print(f"wrote {out_dir} (config.json, generation_config.json, tokenizer.json, tokenizer_config.json, "
-          "safetensors weights)")
-
-
-@app.command()
-def download(
-    model_name: Annotated[str, typer.Option("--model", "-m", help="The Hugging Face repo, ORG/NAME.")],
-    revision: Annotated[Optional[str], typer.Option(help="A branch, tag or commit. Default: main.")] = None,
-    include: Annotated[Optional[list[str]], typer.Option(
-        help="Also download the repo files matching this glob; repeatable.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(
-        help="Skip the repo files matching this glob; repeatable.")] = None,
-    gguf_file: Annotated[Optional[str], typer.Option(
-        "--file", help="Download this GGUF file instead of the safetensors weights.")] = None,
-) -> None:
-    """Download a model from the Hugging Face hub into the store.
-
-    Fetches config, tokenizer, and safetensors weights (or one GGUF file), never pickle weights;
-    an interrupted download resumes when run again. HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE are
-    honoured.
-    """
-    from .hub import download as download_model
-
-    print(download_model(model_name, revision=revision, include=include or (), exclude=exclude or (),
-                         gguf_file=gguf_file))
-
-
-ModelNameArgument = Annotated[str, typer.Argument(help="A model name, as `influence models list` shows it.")]
-models_app = typer.Typer(help="The local model store: list, remove, alias, and choose the default model.",
-                         no_args_is_help=True, rich_markup_mode=None)
-app.add_typer(models_app, name="models")
-
-
-@models_app.command("list")
-def models_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the models in the store; * marks the default."""
-    from .catalog import list_models
-    from .artifacts import format_size
-
-    models = list_models()
-    if as_json:
-        print(json.dumps([model.as_dict() for model in models], indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table()
-    table.add_column("name", no_wrap=True)
-    for column in ("architecture", "parameters", "format", "size", "derived (influence models prune)", "source"):
-        table.add_column(column, justify="right" if column in ("parameters", "size") else "left")
-    for model in models:
-        name = ("* " if model.default else "") + model.name
-        if model.aliases:
-            name += f" ({', '.join(model.aliases)})"
-        derived = "\n".join(f"{d.kind} {format_size(d.size_bytes)}{'' if d.current else ' (stale)'}"
-                             for d in model.derived)
-        table.add_row(name, model.architecture or "?", _format_parameters(model.parameters),
-                      " ".join(filter(None, (model.format, model.quantization))), format_size(model.size_bytes),
-                      derived or "-", model.source)
-    Console().print(table)
-
-
-def _format_parameters(parameters: Optional[int]) -> str:
-    if parameters is None:
-        return "?"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if parameters >= scale:
-            return f"{parameters / scale:.1f}{suffix}"
-    return str(parameters)
-
-
-@models_app.command("rm")
-def models_rm(name: ModelNameArgument) -> None:
-    """Remove a model from the store (and its aliases)."""
-    from .catalog import remove_model
-
-    print(f"removed {remove_model(name)}")
-
-
-@models_app.command("prune")
-def models_prune(
-    name: Annotated[Optional[str], typer.Argument(help="Only this model's artefacts.")] = None,
-    everything: Annotated[bool, typer.Option("--all", help="Every derived artefact, current or not.")] = False,
-) -> None:
-    """Remove derived artefacts (ONNX exports, compiled steps): by default those whose model is gone
-    or has changed; they are made again when next needed. Models themselves are kept."""
-    from .catalog import prune
-    from .artifacts import format_size
-
-    if name is not None and everything:
-        raise InfluenceError("give a model NAME or --all, not both")
-    removed = prune(name, everything)
-    for artifact in removed:
-        print(f"removed {artifact.kind} {artifact.path} ({format_size(artifact.size_bytes)})")
-    print(f"freed {format_size(sum(a.size_bytes for a in removed))} ({len(removed)} artefacts)")
-
-
-@models_app.command("alias")
-def models_alias(name: ModelNameArgument, alias: Annotated[str, typer.Argument(help="Another name for it.")]) -> None:
-    """Give a model another name, usable wherever a model name is."""
-    from .catalog import add_alias
-
-    add_alias(name, alias)
-    print(f"{alias} now names {name}")
-
-
-@models_app.command("default")
-def models_default(name: ModelNameArgument) -> None:
-    """Choose the model used when a command is given none."""
-    from .catalog import set_default
-
-    set_default(name)
-    print(f"the default model is now {name}")
 
 
 from .config_cli import config_app  # noqa: E402  (defined beside its helpers; no heavy imports)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import pluggy
 
-HOOKSPEC_VERSION = "1.1"  # 1.1 added register_tool_parsers
+HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2 added register_model_resolvers
 
 hookspec = pluggy.HookspecMarker("influence")
 
@@ -91,6 +91,25 @@ def register_tool_parsers(register: Callable[..., None]) -> None:
     and supplies the grammar that forces a call under ``tool_choice`` "required" or a named
     function. A plugin adds a model family's tool format by registering one more parser; a plugin
     using this hook declares ``influence_hookspec_version = "1.1"``.
+    """
+
+
+@hookspec
+def register_model_resolvers(register: Callable[..., None]) -> None:
+    """Register model resolvers: ``register(ModelResolver(name, resolve, names=..., default_name=...))``.
+
+    Added in hook spec 1.2. A resolver turns a model *name*, anything given as a model that is not
+    an existing path, into something a loader opens: ``resolve(reference, prefer_quantized)``
+    returns a `Path` (or, where it adjusted what it found, the opened `ModelSource`), or None for a
+    name it does not handle. ``reference`` None means "the default model". The core asks resolvers
+    in call order and uses the first answer that is not None; when two register the same name, the
+    one called first wins. When none answers, the run fails with one line naming the reference and
+    the resolvers installed. The shipped ``influence_models`` plugin registers ``store`` (aliases,
+    names in the store, the default model) and ``hub`` (ORG/NAME on the Hugging Face hub,
+    downloaded on first use) as ``trylast``, so a third party's resolver is asked first: for its own
+    scheme (``ollama:NAME``, ``s3://...``), or to replace one of ours by name. ``names()`` feeds
+    shell completion of ``-m``; ``default_name()`` names the default model for the config file's
+    ``[models.NAME]`` tables. A plugin using this hook declares ``influence_hookspec_version = "1.2"``.
     """
 
 

@@ -1,6 +1,6 @@
 """What plugins register, and what they hand back to the core.
 
-The four hook kinds in `hookspecs` each register one of the classes below. Everything that touches
+Each register hook in `hookspecs` registers one of the classes below. Everything that touches
 tensors is typed loosely (`Any`) here because the core never imports torch at module level.
 """
 
@@ -69,6 +69,39 @@ class ModelLoader:
     name: str
     detect: Callable[[Path], bool]
     load: Callable[[Path], ModelSource]
+    description: str = ""
+
+
+def _no_names() -> list[str]:
+    return []
+
+
+def _no_default() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModelResolver:
+    """Finds a model by name: anything given as a model that is not an existing path (an alias, a
+    name in a store, ``ORG/NAME`` on a hub, ``ollama:NAME``, ``s3://...``).
+
+    ``resolve(reference, prefer_quantized)`` returns a `Path` that a loader opens (fetching it first
+    if need be), or None when ``reference`` is not a name this resolver handles; the core then asks
+    the next one. ``reference`` None asks for the default model. A resolver that must adjust what
+    it found (settings a file lacks) may open it itself and return the `ModelSource`. It raises
+    `ModelNotFoundError` (or another `InfluenceError`) for a name it handles but cannot provide.
+    ``prefer_quantized`` is True when the backend will run a quantized format: a resolver holding a
+    model both as a quantized file and as a float copy (the bundled model: its Q4_1 GGUF and the
+    copy converted into the store) returns the quantized file then, and the float copy otherwise.
+
+    ``names()`` lists the names it resolves without fetching anything (for shell completion);
+    ``default_name()`` is the name of the model it gives for None, or None if it gives none.
+    """
+
+    name: str
+    resolve: Callable[[str | None, bool], Path | ModelSource | None]
+    names: Callable[[], list[str]] = _no_names
+    default_name: Callable[[], str | None] = _no_default
     description: str = ""
 
 

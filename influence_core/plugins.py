@@ -8,9 +8,9 @@ rest keep working. So is a plugin written for hook specs this core does not prov
 At run time, a loader whose ``detect`` raises is skipped with a warning, and any other failure of
 a plugin's code names the plugin (`call_plugin`).
 
-Replacing a built-in (registering a sampler, backend, loader, architecture or command of the same
-name) is allowed, and visible: `influence plugins` lists every override, and an installed plugin's
-override is announced on stderr once, the first time it is seen (remembered in
+Replacing a built-in (registering a sampler, backend, loader, architecture, model resolver or
+command of the same name) is allowed, and visible: `influence plugins` lists every override, and an
+installed plugin's override is announced on stderr once, the first time it is seen (remembered in
 ``INFLUENCE_HOME/notices.json``; a new version of the plugin is announced again).
 
 ``INFLUENCE_TRACE_PLUGINS=1`` prints to stderr which plugins load, each hook call, the
@@ -20,6 +20,7 @@ implementations it calls in order and what each registered.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from .errors import (
     SamplingError,
     UnsupportedArchitectureError,
 )
-from .interfaces import Architecture, Backend, ModelLoader, Sampler, ToolParser
+from .interfaces import Architecture, Backend, ModelLoader, ModelResolver, ModelSource, Sampler, ToolParser
 
 ENTRY_POINT_GROUP = "influence"
 BUILTIN_DISTRIBUTION = "influence"  # the plugins we ship come with the core's own distribution
@@ -48,6 +49,7 @@ CORE = "influence"  # who provides the core's own commands
 LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "INFLUENCE_TRACE_PLUGINS"
 HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
+NOTICES = "notices.json"  # in INFLUENCE_HOME: the override notices already shown once
 
 # Architecture plugins published for model types the core does not build itself, so that a model
 # whose plugin is missing fails saying what to install.
@@ -67,6 +69,7 @@ REGISTER_HOOKS: dict[str, tuple[type, str]] = {
     "register_samplers": (Sampler, "samplers"),
     "register_backends": (Backend, "backends"),
     "register_tool_parsers": (ToolParser, "tool_parsers"),
+    "register_model_resolvers": (ModelResolver, "model_resolvers"),
 }
 
 
@@ -111,6 +114,7 @@ class Registry:
     samplers: list[Sampler] = field(default_factory=list)
     backends: list[Backend] = field(default_factory=list)
     tool_parsers: list[ToolParser] = field(default_factory=list)
+    model_resolvers: list[ModelResolver] = field(default_factory=list)
     provider: dict[int, str] = field(default_factory=dict)  # id(item) -> plugin name
     overrides: list[Override] = field(default_factory=list)
 
@@ -144,6 +148,51 @@ class Registry:
                 return parser
         raise SamplingError("tool calling needs a tool parser, and no installed plugin registers one "
                             "(the built-in one comes with influence's grammar plugin)")
+
+    def resolvers(self) -> list[ModelResolver]:
+        """The model resolvers in call order, each name once (the first registered wins)."""
+        winners: dict[str, ModelResolver] = {}
+        for resolver in self.model_resolvers:
+            winners.setdefault(resolver.name, resolver)
+        return list(winners.values())
+
+    def resolve_model(self, reference: str | None, prefer_quantized: bool = False) -> Path | ModelSource:
+        """What the first resolver that knows ``reference`` (None: the default model) makes of it."""
+        resolvers = self.resolvers()
+        for resolver in resolvers:
+            found = call_plugin(self, resolver, f"model resolver {resolver.name!r}", resolver.resolve, reference,
+                                prefer_quantized)
+            if isinstance(found, (Path, ModelSource)):
+                return found
+            if found is not None:
+                raise InfluenceError(f"plugin {self.provided_by(resolver)!r}: model resolver {resolver.name!r} "
+                                     f"returned {type(found).__name__}, not a Path, a ModelSource or None")
+        installed = "; ".join(f"{r.name}: {r.description}" if r.description else r.name for r in resolvers)
+        if not resolvers:
+            why = ("no model resolver is installed (the influence_models plugin shipped with influence resolves "
+                   f"aliases, names in the store and ORG/NAME; {LOAD_PLUGINS_ENV} may leave it out)")
+        elif reference is None:
+            why = f"no installed model resolver gives a default model ({installed})"
+        else:
+            why = f"no installed model resolver knows it ({installed})"
+        if reference is None:
+            raise ModelNotFoundError(f"no model given, and {why}; pass -p/--model-path or -m/--model")
+        raise ModelNotFoundError(f"model {reference!r} does not exist: it is not a path, and {why}")
+
+    def model_names(self) -> list[str]:
+        """Every name the resolvers can list without fetching anything, for shell completion."""
+        names: list[str] = []
+        for resolver in self.resolvers():
+            names += call_plugin(self, resolver, f"model resolver {resolver.name!r}", resolver.names)
+        return list(dict.fromkeys(names))
+
+    def default_model_name(self) -> str | None:
+        """The name of the default model, from the first resolver that gives one."""
+        for resolver in self.resolvers():
+            name = call_plugin(self, resolver, f"model resolver {resolver.name!r}", resolver.default_name)
+            if name is not None:
+                return name
+        return None
 
     def loader_for(self, path: Path) -> ModelLoader:
         for loader in self.loaders:
@@ -353,18 +402,28 @@ def record_command_overrides(plugin_name: str, replaced: dict[str, str]) -> None
     announce_overrides(overrides)
 
 
+def _read_notices() -> dict[str, Any]:
+    from .artifacts import home
+
+    try:
+        notices = json.loads((home() / NOTICES).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        notices = {}  # lost or damaged: at worst a notice is shown again
+    return notices if isinstance(notices, dict) else {}
+
+
 def announce_overrides(overrides: list[Override]) -> None:
     """One notice line per override by an installed plugin, the first time this store sees it."""
     if not overrides:
         return
-    from . import store
+    from .artifacts import editing_json, home
 
     versions = {name: ep.dist.version for name, ep in _entry_points.items() if ep.dist}
     keyed = {f"{o.plugin} {versions[o.plugin]}: {o.kind} {o.name}": o for o in overrides if o.plugin in versions}
     if not keyed:
         return
     try:
-        with store.editing_notices() as seen:
+        with editing_json(home() / NOTICES, _read_notices) as seen:
             previous = seen.get("overrides")
             shown = seen["overrides"] = [key for key in previous if isinstance(key, str)] \
                 if isinstance(previous, list) else []

@@ -197,12 +197,14 @@ def test_chat_multiline_save_and_load(tiny_model, tmp_path):
 
 def test_models_list_shows_derived_artefacts_and_prune_removes_only_the_stores(capsys, tmp_path, tiny_model,
                                                                                monkeypatch):
-    from influence_core import artifacts, store
+    from influence_core import artifacts
     from influence_core.api import open_source
+    from influence_core.hf_directory import write_hf_directory
+    from influence_models import store
 
     monkeypatch.setenv("INFLUENCE_HOME", str(tmp_path / "home"))
     model_dir = store.models_dir() / "tiny"
-    store.write_hf_directory(open_source(tiny_model), model_dir)
+    write_hf_directory(open_source(tiny_model), model_dir)
 
     def artefact(kind: str, key: str, source: Path, fingerprint: str) -> Path:
         directory = artifacts.exports_dir(kind) / key

@@ -10,8 +10,11 @@ import sys
 import pytest
 from cli_helpers import assert_one_error_line, invoke
 
-from influence_core import store
+from influence_core import artifacts
 from influence_core.api import open_source
+from influence_core.errors import InfluenceError, ModelNotFoundError
+from influence_core.hf_directory import write_hf_directory
+from influence_models import store
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def home(tmp_path, monkeypatch, tiny_model):
     """INFLUENCE_HOME with one model the store made (a conversion) and one placed by hand."""
     home = tmp_path / "home"
     monkeypatch.setenv("INFLUENCE_HOME", str(home))
-    store.write_hf_directory(open_source(tiny_model), store.models_dir() / "made")
+    write_hf_directory(open_source(tiny_model), store.models_dir() / "made")
     (store.models_dir() / "by-hand").mkdir()
     (store.models_dir() / "by-hand" / "notes.txt").write_text("mine")
     return home
@@ -74,13 +77,13 @@ def test_a_hand_edited_index_pointing_outside_the_store_is_refused(capsys, home,
     before = everything_under(victim)
     code, _, err = invoke(capsys, "models", "rm", "a")
     assert_one_error_line(code, err, "'../../victim' is not a model name in the store")
-    with pytest.raises(store.ModelNotFoundError, match="is not a model name in the store"):
+    with pytest.raises(ModelNotFoundError, match="is not a model name in the store"):
         store.resolve_default_model()
     assert everything_under(victim) == before
 
 
 def test_a_link_in_the_store_is_not_followed_out_of_it(capsys, home, victim):
-    (victim / store.MANIFEST).write_text(json.dumps({"source": "forged"}))  # even with a manifest
+    (victim / artifacts.MANIFEST).write_text(json.dumps({"source": "forged"}))  # even with a manifest
     (store.models_dir() / "linked").symlink_to(victim, target_is_directory=True)
     before = everything_under(victim)
     code, _, err = invoke(capsys, "models", "rm", "linked")
@@ -90,16 +93,16 @@ def test_a_link_in_the_store_is_not_followed_out_of_it(capsys, home, victim):
 
 def test_a_conversion_does_not_replace_a_directory_the_store_did_not_make(home, tiny_model):
     source = open_source(tiny_model)
-    with pytest.raises(store.InfluenceError, match="Influence did not make it"):
+    with pytest.raises(InfluenceError, match="Influence did not make it"):
         store.convert_into_store(source, "by-hand")
     assert (store.models_dir() / "by-hand" / "notes.txt").read_text() == "mine"
-    with pytest.raises(store.ModelNotFoundError, match="is not a model name"):
+    with pytest.raises(ModelNotFoundError, match="is not a model name"):
         store.convert_into_store(source, "../escaped")
 
 
 RACER = """
 import sys
-from influence_core import catalog
+from influence_models import catalog
 for i in range(int(sys.argv[2])):
     catalog.add_alias("made", f"{sys.argv[1]}-{i}")
 """

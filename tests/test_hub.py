@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from cli_helpers import CLI, assert_one_error_line, help_in_a_fresh_process, inv
 from fake_hub import TOKEN
 
 import influence_core as influence
-from influence_core import store
+from influence_core import artifacts
+from influence_models import store
 
 
 def model_files(directory: Path) -> dict[str, bytes]:
@@ -29,6 +31,15 @@ def tiny_repo(hub, tiny_model):
 
 def test_help_does_not_import_huggingface_hub():
     assert "huggingface_hub" not in help_in_a_fresh_process()[1], "huggingface_hub imported at start-up"
+
+
+@pytest.mark.parametrize("command", [["download", "-m", "org/tiny"], ["generate", "hello", "-m", "org/tiny"]])
+def test_without_the_hub_extra_a_download_says_what_to_install(capsys, hub, tiny_repo, monkeypatch, command):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import huggingface_hub raises ImportError
+    code, _, err = invoke(capsys, *command)
+    assert_one_error_line(code, err, "downloading org/tiny needs huggingface_hub, which is not installed: "
+                                     "pip install 'influence[hub]'")
+    assert not store.models_dir().exists() and hub.requests == []
 
 
 def test_first_use_downloads_then_later_runs_stay_offline(capsys, hub, tiny_repo, tiny_model):
@@ -52,8 +63,8 @@ def test_download_fetches_what_a_model_needs_and_records_where_from(capsys, hub,
     directory = store.models_dir() / "org--tiny"
     assert out.strip() == str(directory)
     expected = model_files(tiny_model)
-    assert model_files(directory) == {**expected, store.MANIFEST: (directory / store.MANIFEST).read_bytes()}
-    manifest = store.read_manifest(directory)
+    assert model_files(directory) == {**expected, artifacts.MANIFEST: (directory / artifacts.MANIFEST).read_bytes()}
+    manifest = artifacts.read_manifest(directory)
     assert manifest["repo"] == "org/tiny" and manifest["revision"] == "main" and manifest["commit"] == tiny_repo.sha
     assert manifest["files"] == sorted(expected) and manifest["endpoint"] == hub.url
     assert [p.name for p in store.models_dir().iterdir()] == ["org--tiny"]  # no unfinished download left
@@ -79,7 +90,7 @@ def test_download_a_chosen_gguf_file(capsys, hub):
     code, out, err = invoke(capsys, "download", "-m", "org/tiny-gguf", "--file", "tiny.Q8_0.gguf")
     assert code == 0, err
     directory = Path(out.strip())
-    assert sorted(model_files(directory)) == [store.MANIFEST, "tiny.Q8_0.gguf"]
+    assert sorted(model_files(directory)) == [artifacts.MANIFEST, "tiny.Q8_0.gguf"]
     assert store.loadable_path(directory) == directory / "tiny.Q8_0.gguf"
 
 

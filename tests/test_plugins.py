@@ -147,7 +147,7 @@ def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
 
 
 def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
-    for name, version in [("next-major", "2.0"), ("next-minor", "1.2"), ("older-major", "0.9"), ("current", "1.1"),
+    for name, version in [("next-major", "2.0"), ("next-minor", "1.3"), ("older-major", "0.9"), ("current", "1.2"),
                           ("older-minor", "1.0")]:
         install_fake_distribution(site, name, "0.1", name.replace("-", "_"), f'''
             from influence_core import hookimpl
@@ -162,11 +162,11 @@ def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
     assert not {"next-major", "next-minor", "older-major"} & {p["name"] for p in json.loads(listing.stdout)}
     warnings = listing.stderr.splitlines()
     assert ("influence: warning: plugin 'next-major' (next_major) was written for influence hook spec 2.0, but this "
-            "influence provides hook spec 1.1: upgrade influence; it was skipped") in warnings
-    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.2, but this "
-            "influence provides hook spec 1.1: upgrade influence; it was skipped") in warnings
+            "influence provides hook spec 1.2: upgrade influence; it was skipped") in warnings
+    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.3, but this "
+            "influence provides hook spec 1.2: upgrade influence; it was skipped") in warnings
     assert ("influence: warning: plugin 'older-major' (older_major) was written for influence hook spec 0.9, but this "
-            "influence provides hook spec 1.1: install a release of the plugin written for hook spec 1.x; "
+            "influence provides hook spec 1.2: install a release of the plugin written for hook spec 1.x; "
             "it was skipped") in warnings
 
 
@@ -178,7 +178,7 @@ def test_registering_a_plugin_for_other_hook_specs_in_process_is_refused():
     from influence_core.errors import PluginVersionError
 
     with pytest.raises(PluginVersionError, match="'future' was written for influence hook spec 2.0, but this "
-                                                 "influence provides hook spec 1.1"):
+                                                 "influence provides hook spec 1.2"):
         register_plugin(FromTheFuture, name="future")
 
 

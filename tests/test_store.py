@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 import influence_core as influence
-from influence_core import ModelNotFoundError, store
+from influence_core import ModelNotFoundError, artifacts
 from influence_core.api import open_source
+from influence_core.defaults import DEFAULT_MODEL
+from influence_core.hf_directory import hf_directory_for, write_hf_directory
+from influence_models import store
 
 CLI = [sys.executable, "-c", "from influence_core.cli import run; run()"]
 
@@ -20,7 +24,7 @@ def test_a_written_directory_loads_in_transformers_with_the_same_logits(tiny_mod
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "converted"
-    store.write_hf_directory(open_source(tiny_model), out)
+    write_hf_directory(open_source(tiny_model), out)
     ids = [1, 20, 30, 40, 50]
     with torch.no_grad():
         original = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(torch.tensor([ids])).logits
@@ -30,13 +34,14 @@ def test_a_written_directory_loads_in_transformers_with_the_same_logits(tiny_mod
     text = "hello world 🦀"
     assert tokenizer(text)["input_ids"] == AutoTokenizer.from_pretrained(tiny_model)(text)["input_ids"]
     assert tokenizer.chat_template == open_source(tiny_model).tokenizer.chat_template
-    manifest = store.read_manifest(out)
-    assert manifest["source_format"] == "safetensors" and manifest["source_fingerprint"] == store.fingerprint(tiny_model)
+    manifest = artifacts.read_manifest(out)
+    assert manifest["source_format"] == "safetensors"
+    assert manifest["source_fingerprint"] == artifacts.fingerprint(tiny_model)
 
 
 def test_large_models_are_written_in_shards(tiny_model, tmp_path):
     out = tmp_path / "sharded"
-    store.write_hf_directory(open_source(tiny_model), out, max_shard_bytes=100_000)
+    write_hf_directory(open_source(tiny_model), out, max_shard_bytes=100_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert not list(out.glob("shard-*"))
@@ -52,12 +57,27 @@ def test_convert_command_refuses_to_overwrite(tiny_model, tmp_path):
     assert again.returncode == 1 and again.stderr.startswith("error: ") and "--force" in again.stderr
 
 
+def test_a_source_in_another_format_gets_a_hf_directory_once_as_a_derived_artefact(tiny_model, tmp_path,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.setenv("INFLUENCE_HOME", str(tmp_path / "home"))
+    own = open_source(tiny_model)
+    assert hf_directory_for(own) == own.hf_directory
+    elsewhere = replace(own, hf_directory=None)  # as a GGUF source is
+    written = hf_directory_for(elsewhere)
+    assert written.parent == artifacts.exports_dir("hf") and (written / "model.safetensors").is_file()
+    assert "converting gqa_llama3_rope to a Hugging Face directory" in capsys.readouterr().err
+    assert hf_directory_for(elsewhere) == written and capsys.readouterr().err == ""
+    assert [(d.path, d.current) for d in artifacts.derived_artifacts()] == [(written, True)]
+    ids = [1, 2, 3, 4]
+    assert torch.equal(influence.load(written).logits(ids), influence.load(tiny_model).logits(ids))
+
+
 def test_fingerprint_changes_when_the_files_change(tiny_model, tmp_path):
     out = tmp_path / "m"
-    store.write_hf_directory(open_source(tiny_model), out)
-    before = store.fingerprint(out)
+    write_hf_directory(open_source(tiny_model), out)
+    before = artifacts.fingerprint(out)
     (out / "generation_config.json").write_text("{}")
-    assert store.fingerprint(out) != before
+    assert artifacts.fingerprint(out) != before
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
@@ -75,11 +95,11 @@ def test_default_model_prefers_a_current_converted_copy(monkeypatch, tmp_path, t
     monkeypatch.setattr(store, "installed_default_gguf", lambda: wheel_file)
     assert store.resolve_default_model() == wheel_file  # nothing converted yet
 
-    converted = store.models_dir() / store.DEFAULT_MODEL.name
-    store.write_hf_directory(open_source(tiny_model), converted)
-    manifest = store.read_manifest(converted)
-    manifest["source_fingerprint"] = store.fingerprint(wheel_file)
-    (converted / store.MANIFEST).write_text(json.dumps(manifest))
+    converted = store.models_dir() / DEFAULT_MODEL.name
+    write_hf_directory(open_source(tiny_model), converted)
+    manifest = artifacts.read_manifest(converted)
+    manifest["source_fingerprint"] = artifacts.fingerprint(wheel_file)
+    (converted / artifacts.MANIFEST).write_text(json.dumps(manifest))
     assert store.resolve_default_model() == converted
 
     wheel_file.write_bytes(b"GGUF a newer stand-in")  # the wheel was upgraded: convert again

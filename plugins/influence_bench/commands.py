@@ -110,7 +110,7 @@ def bench(
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
     from influence_core.api import open_default_model, open_source
-    from influence_core.store import installed_default_gguf
+    from influence_core.hf_directory import hf_directory_for
 
     from . import bench as benchmarks
 
@@ -129,11 +129,8 @@ def bench(
     if source.format == "gguf" and gguf is None:
         gguf = source.path
     if source.hf_directory is None:
-        from influence_core.artifacts import fingerprint
-        from influence_core.store import convert_into_store
-
-        source = open_source(convert_into_store(source, f"{source.path.stem}-{fingerprint(source.path)}"))
-    gguf = gguf or (installed_default_gguf() if reference_model is None else None)
+        source = open_source(hf_directory_for(source))
+    gguf = gguf or (_default_gguf() if reference_model is None else None)
     settings = benchmarks.Settings(model=str(source.hf_directory), gguf=str(gguf) if gguf else None, device=device,
                                    threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                    repetitions=repetitions)
@@ -168,11 +165,17 @@ def bench(
     _print_bench_table(rows, facts, settings)
 
 
+def _default_gguf() -> Optional[Path]:
+    """The default model's GGUF file, for llama.cpp, if the default model is one."""
+    from influence_core.api import open_default_model
+
+    source = open_default_model(quantized=True)
+    return source.path if source.format == "gguf" else None
+
+
 def _bench_processes(model_path, model_name, backends, dtypes, device, threads, prompt_tokens, gen_tokens,
                      repetitions, reference, compiled, gguf, reference_python, as_json) -> None:
     """`influence bench --cli`: whole processes, as `bench.measure_processes` times them."""
-    from influence_core.store import installed_default_gguf
-
     from . import bench as benchmarks
 
     if prompt_tokens is not None:
@@ -183,7 +186,7 @@ def _bench_processes(model_path, model_name, backends, dtypes, device, threads, 
                                                    compiled)]
     if reference:
         gguf = gguf or (model_path if model_path and model_path.suffix == ".gguf" else None)
-        gguf = gguf or (installed_default_gguf() if not (model_path or model_name) else None)
+        gguf = gguf or (_default_gguf() if not (model_path or model_name) else None)
         if gguf is None:
             raise InfluenceError("--reference needs a GGUF for llama.cpp: pass --gguf FILE")
         cases.append(benchmarks.llama_cpp_case(str(reference_python or sys.executable), str(gguf), threads,

@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from influence_core.errors import InfluenceError
 from influence_core.defaults import DEFAULT_MODEL
+from influence_core.errors import InfluenceError
+from influence_core.hf_directory import hf_directory_for
 
-from .export import export_for, export_model, hf_directory_of
+from .export import export_for, export_model
 
 export_app = typer.Typer(help="Export a model for another runtime.", no_args_is_help=True)
 
@@ -36,5 +37,5 @@ def export_onnx(
         raise InfluenceError(f"{source.path} is already an ONNX export")
     if out.exists() and any(out.iterdir()) and not force:
         raise InfluenceError(f"{out} exists and is not empty; pass --force to replace it")
-    export_model(hf_directory_of(source), out)
+    export_model(hf_directory_for(source), out)
     print(out)

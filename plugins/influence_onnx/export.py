@@ -27,10 +27,10 @@ from pathlib import Path
 
 from influence_core.config import ModelConfig
 from influence_core.errors import ModelFormatError
+from influence_core.hf_directory import hf_directory_for
 from influence_core.interfaces import ModelSource
 from influence_core.artifacts import (MANIFEST, atomic_directory, exports_dir, fingerprint, read_manifest,
                                       report_disk_use, timed_step)
-from influence_core.store import convert_into_store, models_dir
 from influence_core.tokenizer import Tokenizer
 
 MODEL_FILE = "model.onnx"
@@ -50,7 +50,7 @@ def export_for(source: ModelSource, *, force: bool = False) -> Path:
     store's export of its Hugging Face directory, made on first use (or again, with ``force``)."""
     if source.format == "onnx":
         return source.path
-    hf_directory = hf_directory_of(source)
+    hf_directory = hf_directory_for(source)
     target = exports_dir("onnx") / fingerprint(hf_directory)
     if force or not target.exists():
         print(f"influence: exporting {hf_directory} to ONNX in {target} "
@@ -75,17 +75,6 @@ def open_export_directory(path: Path) -> ModelSource:
 
     return ModelSource(path=path, format="onnx", config=config, tokenizer=tokenizer, weights=no_weights,
                        details={"bytes": sum(p.stat().st_size for p in path.glob(f"{MODEL_FILE}*"))})
-
-
-def hf_directory_of(source: ModelSource) -> Path:
-    """A Hugging Face directory for ``source``, converting it (a GGUF, say) into the store once."""
-    if source.hf_directory is not None:
-        return source.hf_directory
-    name = source.path.stem
-    manifest = read_manifest(models_dir() / name)
-    if manifest is not None and manifest.get("source_fingerprint") == fingerprint(source.path):
-        return models_dir() / name
-    return convert_into_store(source, name)
 
 
 def export_model(hf_directory: Path, target: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from influence_core.store import DEFAULT_MODEL
+from influence_core.defaults import DEFAULT_MODEL
 
 
 def prepare(

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, store
-from .config import ModelConfig
-from .defaults import DEFAULT_MODEL
-from .errors import InfluenceError, ModelNotFoundError
-from .hub import REPO_ID, download, store_directory, unfinished_directory
+from influence_core import artifacts
+from influence_core.config import ModelConfig
+from influence_core.defaults import DEFAULT_MODEL
+from influence_core.errors import InfluenceError, ModelNotFoundError
+
+from . import store
+from .hub import REPO_ID, store_directory, unfinished_directory
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 # GGUF files name their quantization last: SmolLM2-135M-Instruct.Q4_1.gguf, llama-3.2-1b-q4_k_m.gguf.
@@ -50,19 +52,31 @@ class StoredModel:
         return {**vars(self), "path": str(self.path), "derived": [d.as_dict() for d in self.derived]}
 
 
-def find_model(name: str) -> Path:
-    """The path a loader opens for ``name``, downloading ORG/NAME into the store on first use."""
+def find_in_store(name: str) -> Path | None:
+    """The path a loader opens for the model ``name`` stands for in the store (an alias, a store
+    name, or ORG/NAME downloaded before), or None when it is no name the store holds."""
+    if not (store.is_entry_name(name) or REPO_ID.fullmatch(name)):
+        return None
     entry = _entry(name, store.read_names())
     if entry == DEFAULT_MODEL.name:
         return store.resolve_bundled_model()
     directory = store.entry_directory(entry)
-    if directory.is_dir():
-        return store.loadable_path(directory)
-    if REPO_ID.fullmatch(name):
-        return store.loadable_path(download(name))
-    raise ModelNotFoundError(
-        f"model {name!r} does not exist: it is not a path, an alias or a model in the store "
-        "(see `influence models list`); name a model on the Hugging Face hub as ORG/NAME")
+    return store.loadable_path(directory) if directory.is_dir() else None
+
+
+def model_names() -> list[str]:
+    """The names `list_models` lists, and the aliases, without opening any model (shell completion)."""
+    names = store.read_names()
+    directories = sorted(path for path in store.models_dir().glob("[!.]*") if path.is_dir())
+    found = [(artifacts.read_manifest(directory) or {}).get("repo") or directory.name for directory in directories]
+    if store.installed_default_gguf() is not None:
+        found.append(DEFAULT_MODEL.name)
+    return list(dict.fromkeys([*found, *names["aliases"]]))
+
+
+def default_name() -> str:
+    """The name of the model used when none is given."""
+    return store.read_names().get("default") or DEFAULT_MODEL.name
 
 
 def list_models() -> list[StoredModel]:
@@ -190,7 +204,7 @@ def _describe(name: str, path: Path, size: int, source: str) -> StoredModel:
             config = ModelConfig.from_dir(path)
             model.quantization = (config.raw.get("quantization_config") or {}).get("quant_method") or config.torch_dtype
         else:
-            from .api import open_source
+            from influence_core.api import open_source
 
             config = open_source(path).config
     except InfluenceError:

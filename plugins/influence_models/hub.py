@@ -1,7 +1,8 @@
 """Download models from the Hugging Face hub into the store.
 
-huggingface_hub does the transfers: it honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, draws the
-progress bars, and resumes a file an interrupted attempt left incomplete. This module chooses the
+huggingface_hub (the ``hub`` extra: ``pip install 'influence[hub]'``) does the transfers: it honours
+HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE, draws the progress bars, and resumes a file an interrupted
+attempt left incomplete; it is imported only when a download starts. This module chooses the
 files (never pickle weights), checks each downloaded file against the hub's hashes, and moves a
 complete download into the store with one rename, so the store never holds half a model.
 
@@ -20,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InfluenceError, ModelFormatError, ModelNotFoundError
-from .artifacts import MANIFEST, format_size, made_here, read_manifest
+from influence_core.artifacts import MANIFEST, format_size, made_here, read_manifest
+from influence_core.errors import InfluenceError, ModelFormatError, ModelNotFoundError
+
 from .store import models_dir, remove_entries
 
 REPO_ID = re.compile(r"[\w][\w.-]*/[\w][\w.-]*")  # ORG/NAME; huggingface_hub checks the finer rules
@@ -47,11 +49,14 @@ def download(repo_id: str, *, revision: str | None = None, include: Sequence[str
              exclude: Sequence[str] = (), gguf_file: str | None = None) -> Path:
     """Download ``repo_id`` (config, tokenizer, and safetensors weights or one GGUF file) into the
     store, unless the store already has that commit; return its directory."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
     if not REPO_ID.fullmatch(repo_id):
         raise ModelNotFoundError(f"{repo_id!r} is not a Hugging Face repo id (ORG/NAME)")
+    try:
+        from huggingface_hub import HfApi, constants
+        from huggingface_hub.errors import OfflineModeIsEnabled
+    except ImportError:
+        raise InfluenceError(f"downloading {repo_id} needs huggingface_hub, which is not installed: "
+                             "pip install 'influence[hub]'") from None
     target = store_directory(repo_id)
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import pluggy
 
-HOOKSPEC_VERSION = "1.1"  # 1.1 added register_tool_parsers
+HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2, backends' own typed options (Backend.options_type)
 
 hookspec = pluggy.HookspecMarker("influence")
 

@@ -3,7 +3,6 @@ mistakes it exists to catch."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -102,16 +101,21 @@ def test_the_kit_catches_a_backend_that_accepts_any_device(influence_tiny_model)
         testing.check_backend(Agreeable(), influence_tiny_model())
 
 
-def test_the_fixtures_load_with_pytest_p_when_autoloading_is_off(tmp_path):
+def test_the_fixtures_come_only_to_a_suite_that_enables_the_kit(tmp_path):
     (tmp_path / "test_uses_the_kit.py").write_text(textwrap.dedent('''
         def test_fixture(influence_plugin):
             class Nothing:
                 pass
             influence_plugin(Nothing, "nothing")
     '''))
-    environment = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "influence_core.testing",
-                          "-p", "no:cacheprovider", str(tmp_path)],
-                         capture_output=True, text=True, env=environment, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 passed" in run.stdout
+
+    def pytest(*options):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, str(tmp_path)],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    enabled = pytest("-p", "influence_core.testing")
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    assert "1 passed" in enabled.stdout
+    # Installing influence adds nothing to other projects' test sessions.
+    plain = pytest()
+    assert plain.returncode == 1 and "fixture 'influence_plugin' not found" in plain.stdout

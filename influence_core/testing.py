@@ -264,12 +264,12 @@ def check_backend(backend: str | Backend, model: Path) -> None:
         expect_error(BackendError, lambda: backend.resolve_device(requested), f"resolve_device({requested!r})")
     assert backend.resolve_dtype("auto", device) in backend.dtypes, f"backend {name!r}: 'auto' dtype is not declared"
     expect_error(BackendError, lambda: backend.resolve_dtype("float7", device), "resolve_dtype('float7')")
+    check_backend_options(backend)
 
     source = open_source(model)
     dtype = "float32" if "float32" in backend.dtypes else backend.resolve_dtype("auto", device)
     tolerance = FLOAT32_TOLERANCE if dtype == "float32" else BFLOAT16_TOLERANCE
     architecture = registry.architecture_for(source.config, name) if backend.uses_architectures else None
-    check_backend_options(backend)
     declared = {} if backend.options_type is BackendOptions else {"backend_options": backend.options_type()}
     runner = backend.load(source, architecture, device, dtype, {}, **declared)
     assert runner.context_length > 0 and runner.max_batch >= 1, (

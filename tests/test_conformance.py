@@ -45,7 +45,7 @@ class WindowlessMistral:
     @hookimpl(tryfirst=True)
     def register_architectures(register):
         def build(config, weights, device, dtype):
-            from influence_torch.llama import build_llama
+            from influence_torch import build_llama
 
             return build_llama(config, weights, device, dtype)
 
@@ -119,3 +119,49 @@ def test_the_fixtures_come_only_to_a_suite_that_enables_the_kit(tmp_path):
     # Installing influence adds nothing to other projects' test sessions.
     plain = pytest()
     assert plain.returncode == 1 and "fixture 'influence_plugin' not found" in plain.stdout
+
+
+def test_the_kit_catches_backend_options_the_core_cannot_validate(influence_tiny_model):
+    from dataclasses import dataclass
+
+    from influence_core.interfaces import BackendOptions
+    from influence_torch.backend import TorchBackend
+
+    @dataclass(frozen=True)
+    class Undocumented(BackendOptions):
+        beams: int = 1
+
+    class Sloppy(TorchBackend):
+        name = "sloppy"
+        options_type = Undocumented
+
+    with pytest.raises(AssertionError, match=r"backend 'sloppy': Undocumented.beams needs a default and help"):
+        testing.check_backend(Sloppy(), influence_tiny_model())
+
+
+class Hollow:
+    """What an architecture builds when it forgets most of the TorchCausalLM interface."""
+
+    weight_format = "float32"
+
+    def forward(self, tokens, positions, keys, caches, first_slot=0, last_only=True):
+        raise AssertionError("never run")
+
+
+class HollowLlama:
+    @staticmethod
+    @hookimpl(tryfirst=True)
+    def register_architectures(register):
+        register(Architecture("hollow", "torch", ("llama",), lambda config, weights, device, dtype: Hollow()))
+
+
+def test_a_torch_architecture_building_no_causal_lm_is_one_clear_error(influence_plugin, influence_tiny_model):
+    import influence_core as influence
+    from influence_core.errors import BackendError
+
+    influence_plugin(HollowLlama, "hollow")
+    with pytest.raises(BackendError) as refused:
+        influence.load(influence_tiny_model(), device="cpu")
+    assert str(refused.value) == ("architecture 'hollow' built a Hollow without __call__, config, new_caches, "
+                                  "kv_bytes_per_position: the torch backend runs models with the interface of "
+                                  "influence_torch.TorchCausalLM (docs/plugins.md)")

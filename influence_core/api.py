@@ -185,7 +185,9 @@ class Model:
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=self.runner.random_seed() if seed is None else seed, sampler=sampler,
+            frequency_penalty=frequency_penalty, sampler=sampler,
+            # Drawn by the runner: one whose model spans processes gives each of them the same seed.
+            seed=self.runner.random_seed() if seed is None else seed,
             sampler_options=dict(sampler_options or {}), constraint=constraint_from(response_format),
         )
         params.validate()

@@ -7,7 +7,6 @@ tensors is typed loosely (`Any`) here because the core never imports torch at mo
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import secrets
 import typing
 from abc import ABC, abstractmethod
@@ -175,14 +174,14 @@ class OptionSpec:
         """``given`` as this option's type, or `BackendError` in one line. Text is read as the type
         (the command line's ``-B KEY=VALUE`` gives text); other values must already be of it."""
         value = self._parse(given) if isinstance(given, str) and self.type is not str else given
-        wrong_type = not isinstance(value, self.type) or (self.type is not bool and isinstance(value, bool))
-        if self.type is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
-            value, wrong_type = float(value), False
-        wanted = (f"one of {', '.join(self.choices)}" if self.choices else OPTION_TYPES[self.type]
-                  + (f" >= {self.minimum}" if self.minimum is not None else ""))
-        if wrong_type or (self.choices and value not in self.choices) or (
-                self.minimum is not None and value < self.minimum):
-            raise BackendError(f"backend {backend!r} option {self.name} must be {wanted}, got {given!r}")
+        if self.type is float and type(value) is int:
+            value = float(value)
+        of_type = isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))
+        if not (of_type and (not self.choices or value in self.choices)
+                and (self.minimum is None or value >= self.minimum)):
+            wanted = f"one of {', '.join(self.choices)}" if self.choices else OPTION_TYPES[self.type]
+            bound = f" >= {self.minimum}" if self.minimum is not None else ""
+            raise BackendError(f"backend {backend!r} option {self.name} must be {wanted}{bound}, got {given!r}")
         return value
 
     def _parse(self, text: str) -> Any:
@@ -233,7 +232,7 @@ class BackendOptions:
                 raise TypeError(f"{cls.__name__}.{declared.name} needs a default and help: declare it "
                                 "with option(default, help)")
             specs.append(OptionSpec(declared.name, kind, declared.default, declared.metadata["help"],
-                                    declared.metadata["minimum"], declared.metadata["choices"]))
+                                    declared.metadata.get("minimum"), tuple(declared.metadata.get("choices", ()))))
         return specs
 
     @classmethod

@@ -11,7 +11,7 @@ from influence_core.artifacts import fingerprint
 from influence_core.errors import BackendError, ContextLengthError
 from influence_core.interfaces import Architecture, Backend, BackendOptions, ModelSource, Runner, option
 
-from .protocol import check_causal_lm
+from .protocol import TorchCausalLM, check_causal_lm
 
 
 FIRST_CAPACITY = 256  # KV positions a runner starts with; the cache doubles from there as runs need
@@ -19,11 +19,11 @@ KV_MEMORY_SHARE = 0.5  # at most this share of the machine's memory goes to a co
 
 
 class TorchRunner(Runner):
-    """Drives a `Llama`: owns its KV cache (grown in powers of two as positions are reached, never
-    sized to the model's advertised context up front) and runs each call through the eager
+    """Drives a `TorchCausalLM`: owns its KV cache (grown in powers of two as positions are reached,
+    never sized to the model's advertised context up front) and runs each call through the eager
     model, and single-token and batched decode through `graph_step` when there is one."""
 
-    def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
+    def __init__(self, model: TorchCausalLM, device: str, context_length: int, max_batch: int) -> None:
         import torch
 
         self.model = model
@@ -129,11 +129,11 @@ def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
     if affordable < FIRST_CAPACITY:
         raise BackendError(f"the KV cache needs {bytes_per_position / 2**20:.1f} MiB per position, so even "
                            f"{FIRST_CAPACITY} positions do not fit in half of this machine's "
-                           f"{memory / 2**30:.1f} GiB; use a smaller -b max_batch")
+                           f"{memory / 2**30:.1f} GiB; use a smaller max_batch (--max-batch)")
     capped = affordable // FIRST_CAPACITY * FIRST_CAPACITY
     print(f"influence: the model's context of {context_length:,} positions would need "
           f"{context_length * bytes_per_position / 2**30:,.1f} GiB of KV cache; this run holds "
-          f"{capped:,} (half of this machine's memory; -b context_length N chooses fewer)", file=sys.stderr)
+          f"{capped:,} (half of this machine's memory; a smaller context_length holds fewer)", file=sys.stderr)
     return capped
 
 

@@ -45,12 +45,13 @@ SPLITTABLE_COMMANDS = ("generate",)
 
 def tensor_parallel(
     ctx: typer.Context,
-    ranks: Annotated[int, typer.Argument(min=2, help="How many ranks: GPUs of this machine with NCCL "
-                                                     "(--device cuda), or CPU processes with gloo.")],
+    ranks: Annotated[int, typer.Argument(metavar="N", min=2, help="How many ranks: GPUs of this machine with "
+                                                                  "NCCL (--device cuda), or CPU processes with gloo.")],
 ) -> None:
-    """Run `influence generate ...` (given after N) as N processes, the model split across them
-    (tensor parallelism: docs/scaling.md). Each rank runs it with -B tensor_parallel=N; rank 0's output
-    is the command's, and the moment one rank fails the others are stopped."""
+    """Run `influence tensor-parallel N generate PROMPT [OPTIONS]`: the generation as N processes, the
+    model split across them (tensor parallelism: docs/scaling.md). Each rank runs the generate command
+    with -B tensor_parallel=N; rank 0's output is the command's, and the moment one rank fails the
+    others are stopped."""
     from influence_core.api import open_default_model, open_source
     from influence_core.errors import InfluenceError
 

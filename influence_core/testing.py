@@ -237,8 +237,9 @@ def check_backend(backend: str | Backend, model: Path) -> None:
     """Certify a backend against the backend contract on ``model`` (a tiny model from
     `make_tiny_model` in a format it reads): it declares device kinds and dtypes, resolves ``auto``
     to a device it has, refuses devices and dtypes it cannot provide with `BackendError`, declares
-    its own options as the core can validate them (`check_backend_options`), and its runner returns float32 logits of the documented shapes, rewinds, and
-    decodes a batch of one as `forward` does."""
+    its own options as the core can validate them (`check_backend_options`), and its runner
+    returns float32 logits of the documented shapes, rewinds, and decodes a batch of one as
+    `forward` does."""
     import torch
 
     from .api import open_source

@@ -329,7 +329,8 @@ def test_options_from_python_are_checked_for_type_not_read_as_text(tiny_model):
         influence.load(tiny_model, device="cpu", backend_options={"tensor_parallel": True})
     with pytest.raises(BackendError, match=r"option compiled must be true or false, got 1"):
         influence.load(tiny_model, device="cpu", backend_options={"compiled": 1})
-    with pytest.raises(BackendError, match=r"backend 'onnx' has no option 'compiled' \(its options: graph_optimization"):
+    with pytest.raises(BackendError, match=r"backend 'onnx' has no option 'compiled' "
+                                           r"\(its options: graph_optimization"):
         influence.load(tiny_model, backend="onnx", device="cpu", backend_options={"compiled": True})
 
 

@@ -101,7 +101,7 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
     result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     model = influence_core.load(settings.model, backend=case.engine, device=settings.device, dtype=case.dtype,
-                                threads=settings.threads, compiled=case.compiled)
+                                threads=settings.threads, backend_options={"compiled": True} if case.compiled else None)
     result.load_s = time.perf_counter() - started
     result.weight_bytes_per_token = weight_bytes_per_token(model.config, case.dtype)
     runner = model.runner

@@ -38,7 +38,7 @@ def measure(dtype: str, threads: int, tokens: int, compiled: bool) -> dict:
 
     import influence_core as influence
 
-    model = influence.load(None, dtype=dtype, threads=threads, compiled=compiled)
+    model = influence.load(None, dtype=dtype, threads=threads, backend_options={"compiled": compiled})
     runner = model.runner
     prompt = model.tokenizer.encode("The history of computing began with mechanical calculators, and")
     logits = runner.forward(prompt, 0)

@@ -58,7 +58,7 @@ def llama_cpp_engine(threads: int, context: int):
 def influence_engine(dtype: str, threads: int, compiled: bool):
     import influence_core as influence
 
-    model = influence.load(None, dtype=dtype, threads=threads, compiled=compiled)
+    model = influence.load(None, dtype=dtype, threads=threads, backend_options={"compiled": compiled})
     prompt = model.tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
     return model.runner.forward, prompt
 

@@ -45,7 +45,7 @@ def synchronize(device: str) -> None:
 def decode_step_costs(model_path: str | None, device: str, dtype: str, steps: int) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model = influence.load(model_path, device=device, dtype=dtype,
-                           tensor_parallel=world_size if world_size > 1 else None)
+                           backend_options={"tensor_parallel": world_size} if world_size > 1 else None)
     runner = model.runner
     prompt = list(range(1, 17))
     with torch.inference_mode():

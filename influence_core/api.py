@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .defaults import DEFAULT_MAX_TOKENS
 from .errors import InfluenceError, ModelNotFoundError
 from .generation import CacheState, Generation, GenerationResult, TextStream
-from .interfaces import ModelSource, Runner
+from .interfaces import BackendOptions, ModelSource, Runner
 from .plugins import Registry, call_plugin, get_registry
 from .sampling import SamplingParams, build_chain
 from .structured import constraint_from
@@ -61,7 +61,7 @@ def _open_path(path: Path) -> ModelSource:
 
 def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch", device: str = "auto",
          dtype: str = "auto", threads: int | None = None, context_length: int | None = None,
-         max_batch: int | None = None, tensor_parallel: int | None = None, compiled: bool = False) -> Model:
+         max_batch: int | None = None, backend_options: Mapping[str, Any] | None = None) -> Model:
     """Load ``model`` onto a backend and device: a path, a model name (as `open_source` looks it up:
     ORG/NAME on the Hugging Face hub, downloaded on first use; a name in the store; an alias), an
     opened `ModelSource`, or None for the default model.
@@ -69,20 +69,19 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     ``device``: auto, cpu, cuda, cuda:N or mps. ``dtype``: auto (the backend's best for this model
     and device: for torch on a CPU, the file's own precision, so int4 for a 4-bit GGUF; bfloat16 on
     GPUs) or one the backend lists. ``context_length`` caps the KV cache below the model's context;
-    ``max_batch`` is how many sequences may decode together (serving). ``tensor_parallel`` splits the
-    model across that many processes, this one among them (started by torchrun; see docs/scaling.md);
-    None or 1 keeps it whole.
-    ``compiled`` asks the backend for its compiled one-token decode step (torch: an AOTInductor
-    package in the store, built the first time, a minute or more; runs load a package built before
-    without being asked).
+    ``max_batch`` is how many sequences may decode together (serving). ``backend_options`` are the
+    backend's own options by name, as it declares them (`Backend.options_type`; `influence plugins`
+    lists them): for torch, ``{"tensor_parallel": 2}`` splits the model across two processes
+    (docs/scaling.md) and ``{"compiled": True}`` builds or loads its compiled decode step. One it
+    does not declare, or a value of the wrong type, raises `BackendError`.
     """
     started = time.perf_counter()
-    for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch),
-                          ("tensor_parallel", tensor_parallel)):
+    for option, value in (("threads", threads), ("context_length", context_length), ("max_batch", max_batch)):
         if value is not None and (not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1):
             raise InfluenceError(f"{option} must be an integer >= 1, got {value!r}")
     registry = get_registry()
     engine = registry.backend(backend)
+    own_options = engine.options_type.from_values(backend_options or {}, backend)
     resolved_device = engine.resolve_device(device)
     # A backend that reads weights itself may run a quantized file's own blocks (the bundled GGUF's);
     # only if it picks a quantized format for them, though (`auto` on a CPU, or int8/int4 asked for).
@@ -96,12 +95,12 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
         source = _float_default_model(registry, source)
     architecture = registry.architecture_for(source.config, backend) if engine.uses_architectures else None
     options = {key: value for key, value in
-               {"threads": threads, "context_length": context_length, "max_batch": max_batch,
-                "tensor_parallel": tensor_parallel if tensor_parallel != 1 else None,
-                "compile": compiled or None}.items()
+               {"threads": threads, "context_length": context_length, "max_batch": max_batch}.items()
                if value is not None}
+    # A backend that declares no options of its own (as none did before hook spec 1.2) takes no backend_options.
+    declared = {} if engine.options_type is BackendOptions else {"backend_options": own_options}
     runner = call_plugin(registry, engine, f"backend {backend!r}", engine.load, source, architecture,
-                         resolved_device, resolved_dtype, options)
+                         resolved_device, resolved_dtype, options, **declared)
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)
 
@@ -171,7 +170,9 @@ class Model:
         params = SamplingParams(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, seed=seed, sampler=sampler,
+            frequency_penalty=frequency_penalty, sampler=sampler,
+            # Drawn by the runner: one whose model spans processes gives each of them the same seed.
+            seed=self.runner.random_seed() if seed is None else seed,
             sampler_options=dict(sampler_options or {}), constraint=constraint_from(response_format),
         )
         params.validate()

@@ -55,6 +55,10 @@ DtypeOption = Annotated[str, typer.Option(
 ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
 MaxTokensOption = Annotated[Optional[int], typer.Option(
     min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
+BackendOptionsOption = Annotated[Optional[list[str]], typer.Option(
+    "--backend-option", "-B", metavar="KEY=VALUE",
+    help="One of the backend's own options, as it declares them (`influence plugins` lists each backend's; "
+         "torch: compiled=true, tensor_parallel=N); repeatable.")]
 CompileOption = Annotated[bool, typer.Option(
     "--compile", help="Use the torch backend's compiled decode step, building it into the store first if it "
                       "is not there (a minute or more, once; `influence prepare` does it ahead of time). "
@@ -103,12 +107,24 @@ def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> O
 
 
 def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
-          threads: Optional[int] = None, max_batch: Optional[int] = None, tensor_parallel: Optional[int] = None,
-          compiled: bool = False):
+          threads: Optional[int] = None, backend_option: Optional[list[str]] = None):
     from .api import load
 
     return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
-                threads=threads, max_batch=max_batch, tensor_parallel=tensor_parallel, compiled=compiled)
+                threads=threads, backend_options=_backend_options(backend_option))
+
+
+def _backend_options(pairs: Optional[list[str]]) -> dict[str, str]:
+    """-B KEY=VALUE pairs by key; the backend reads each value as its option's type."""
+    options: dict[str, str] = {}
+    for pair in pairs or []:
+        key, separator, value = pair.partition("=")
+        if not separator or not key:
+            raise InfluenceError(f"-B {pair!r} needs a key and a value: -B KEY=VALUE")
+        if key in options:
+            raise InfluenceError(f"-B {key} is given twice")
+        options[key] = value
+    return options
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -150,7 +166,7 @@ def generate(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = None,
-    compiled: CompileOption = False,
+    backend_option: BackendOptionsOption = None,
     max_tokens: MaxTokensOption = None,
     sampler: Annotated[Optional[str], typer.Option(help="A registered sampler by name (see `influence plugins`).")] = None,
     option: Annotated[Optional[list[str]], typer.Option(
@@ -178,9 +194,6 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="With --prompts-file: most prompts decoding together.")] = 8,
-    tensor_parallel: Annotated[int, typer.Option(
-        min=1, help="Split the model across N processes (N GPUs with NCCL, or CPU processes with gloo). Starts "
-                    "them itself, or runs as one of them under `torchrun --nproc-per-node N`.")] = 1,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
@@ -188,24 +201,15 @@ def generate(
                    sampler=sampler, sampler_options=_sampler_options(option or []),
                    response_format=_constraint(output_format, json_schema, grammar, regex))
     options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
-    if tensor_parallel > 1 and _start_ranks(ctx, prompt, _model_reference(model_path, model_name), tensor_parallel):
-        return
     if prompts_file is not None:
         _generate_batch(prompts_file, _model_reference(model_path, model_name), backend, device, dtype, threads,
-                        max_batch, tensor_parallel, options)
+                        max_batch, _backend_options(backend_option), options)
         return
     if prompt is None:
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = _utf8(sys.stdin.buffer.read(), "stdin")
-    model = _load(model_path, model_name, backend, device, dtype, threads, tensor_parallel=tensor_parallel,
-                  compiled=compiled)
-    if tensor_parallel > 1 and seed is None:
-        options["seed"] = model.runner.shared_seed()  # every rank must sample alike
-    if tensor_parallel > 1:
-        from .launch import worker_rank
-
-        stats = stats and not worker_rank()  # only rank 0 reports
+    model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
     stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
     for piece in stream:
@@ -261,7 +265,7 @@ def _constraint(output_format: Optional[str], json_schema: Optional[Path], gramm
     return Constraint.regex(regex) if regex is not None else None
 
 
-def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, tensor_parallel,
+def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, backend_options,
                     options) -> None:
     try:
         prompts = [line for line in _utf8(prompts_file.read_bytes(), str(prompts_file)).splitlines() if line.strip()]
@@ -272,35 +276,11 @@ def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, 
     from .api import load
 
     loaded = load(model, backend=backend, device=device, dtype=dtype, threads=threads,
-                  max_batch=min(max_batch, len(prompts)), tensor_parallel=tensor_parallel)
-    if tensor_parallel > 1 and options["seed"] is None:
-        options["seed"] = loaded.runner.shared_seed()  # every rank must sample alike
+                  max_batch=min(max_batch, len(prompts)), backend_options=backend_options)
     for prompt, result in zip(prompts, loaded.generate_batch(prompts, **options)):
         print(json.dumps({"prompt": prompt, "text": result.text, "token_ids": result.token_ids,
                           "finish_reason": result.finish_reason, "settings": result.settings,
                           **result.stats.as_dict()}, ensure_ascii=False))
-
-
-def _start_ranks(ctx: typer.Context, prompt: Optional[str], model, tensor_parallel: int) -> bool:
-    """Outside torchrun, run this command as ``tensor_parallel`` ranks and return True once they
-    finish; inside a rank, keep stdout for rank 0 only and return False."""
-    from .launch import check_splittable, launch, worker_rank
-
-    if prompt == "-":
-        raise InfluenceError("--tensor-parallel reads no prompt from stdin (every rank needs it); "
-                             "give it as an argument or with --prompts-file")
-    rank = worker_rank()
-    if rank is None:
-        from .api import open_default_model, open_source
-
-        # Checked here, once, rather than by every rank; opening the default model also converts it
-        # into the store before the ranks start (they would race to do it).
-        check_splittable((open_default_model() if model is None else open_source(model)).config, tensor_parallel)
-        launch(tensor_parallel, ctx.obj)
-        return True
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
-    return False
 
 
 def _print_stats(result, model) -> None:
@@ -340,7 +320,7 @@ def chat(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = None,
-    compiled: CompileOption = False,
+    backend_option: BackendOptionsOption = None,
     system: Annotated[Optional[str], typer.Option(help="A system message starting the conversation.")] = None,
     max_tokens: MaxTokensOption = None,
     temperature: TemperatureOption = None,
@@ -354,7 +334,7 @@ def chat(
     """Chat with a model, turn by turn (line editing and history; /help lists the commands)."""
     from .chat import run_chat
 
-    model = _load(model_path, model_name, backend, device, dtype, threads, compiled=compiled)
+    model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
     if not model.tokenizer.chat_template:
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -379,7 +359,14 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     for info in infos:
         table.add_row(info.name, info.version or "-", "\n".join(info.hooks), "\n".join(info.provides),
                       "\n".join(info.overrides))
-    Console().print(table)
+    options = Table("backend", "option", "takes", "default", "help", title="backend options (-B KEY=VALUE)")
+    for info in infos:
+        for backend, declared in info.backend_options.items():
+            for option in declared:
+                bound = f" >= {option['minimum']}" if option["minimum"] is not None else ""
+                takes = "|".join(option["choices"]) or option["type"] + bound
+                options.add_row(backend, option["name"], takes, json.dumps(option["default"]), option["help"])
+    Console().print(table, *([options] if options.rows else []))
 
 
 from .config_cli import config_app  # noqa: E402  (defined beside its helpers; no heavy imports)
@@ -449,9 +436,8 @@ def run(argv: Optional[list[str]] = None) -> None:
     try:
         _add_plugin_commands()
         args = _join_option_pairs(sys.argv[1:] if argv is None else argv)
-        # Commands that run themselves again (generate --tensor-parallel) find their arguments in ctx.obj.
         # Not standalone, so that click's usage errors reach the handlers below instead of its own box.
-        status = app(args=args, prog_name="influence", obj=args, standalone_mode=False,
+        status = app(args=args, prog_name="influence", standalone_mode=False,
                      default_map=_config_defaults(args))
         if isinstance(status, int) and status:  # typer.Exit(code), or 130 after Ctrl-C
             sys.exit(status)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import pluggy
 
-HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2 added register_model_resolvers
+HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2 register_model_resolvers and Backend.options_type
 
 hookspec = pluggy.HookspecMarker("influence")
 

@@ -6,11 +6,14 @@ tensors is typed loosely (`Any`) here because the core never imports torch at mo
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from .config import ModelConfig
 from .errors import BackendError
@@ -161,8 +164,119 @@ class Runner(ABC):
         before they are read."""
         raise BackendError("this backend's runner holds a single sequence")
 
+    def random_seed(self) -> int:
+        """The seed of a generation that was given none. A runner whose model spans processes
+        returns the same one in each, so that they all sample the same tokens."""
+        return secrets.randbits(63)
+
     def close(self) -> None:
         """Release memory held outside Python's reach (device caches, sessions)."""
+
+
+# Load settings every backend honours; `influence_core.api.load` takes them by name and hands them
+# to `Backend.load` in its ``options`` dict. A backend's own options are declared in `BackendOptions`.
+GENERIC_LOAD_SETTINGS = ("threads", "context_length", "max_batch")
+
+OPTION_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def option(default: bool | int | float | str, help: str, *, minimum: int | float | None = None,
+           choices: Sequence[str] = ()) -> Any:
+    """One field of a `BackendOptions` subclass: its default, a line of help (`influence plugins`
+    shows it), and for a number the least value it may take, for text the values it may take."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "choices": tuple(choices)})
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option a backend declares, as the core validates it and `influence plugins` lists it."""
+
+    name: str
+    type: type  # bool, int, float or str
+    default: Any
+    help: str
+    minimum: int | float | None = None
+    choices: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type.__name__, "default": self.default, "help": self.help,
+                "minimum": self.minimum, "choices": list(self.choices)}
+
+    def value(self, given: Any, backend: str) -> Any:
+        """``given`` as this option's type, or `BackendError` in one line. Text is read as the type
+        (the command line's ``-B KEY=VALUE`` gives text); other values must already be of it."""
+        value = self._parse(given) if isinstance(given, str) and self.type is not str else given
+        if self.type is float and type(value) is int:
+            value = float(value)
+        of_type = isinstance(value, self.type) and (self.type is bool or not isinstance(value, bool))
+        if not (of_type and (not self.choices or value in self.choices)
+                and (self.minimum is None or value >= self.minimum)):
+            wanted = f"one of {', '.join(self.choices)}" if self.choices else OPTION_TYPES[self.type]
+            bound = f" >= {self.minimum}" if self.minimum is not None else ""
+            raise BackendError(f"backend {backend!r} option {self.name} must be {wanted}{bound}, got {given!r}")
+        return value
+
+    def _parse(self, text: str) -> Any:
+        """The text's value, or the text itself where it is not one (refused by `value`)."""
+        if self.type is bool:
+            word = text.strip().lower()
+            return True if word in TRUE_WORDS else False if word in FALSE_WORDS else text
+        try:
+            return self.type(text)
+        except ValueError:
+            return text
+
+
+Options = TypeVar("Options", bound="BackendOptions")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The options a backend takes besides the generic load settings (hook spec 1.2). A backend
+    declares them by subclassing this as a frozen dataclass, one `option` field each (typed bool,
+    int, float or str)::
+
+        @dataclass(frozen=True)
+        class TorchOptions(BackendOptions):
+            tensor_parallel: int = option(1, "Split the model across N processes.", minimum=1)
+
+    and naming the subclass in `Backend.options_type`. The core refuses an option the class does
+    not declare, or a value of the wrong type or range, before the backend's `load` runs; this base
+    class declares none."""
+
+    @classmethod
+    def specs(cls) -> list[OptionSpec]:
+        """The declared options, in declaration order; `TypeError` for a declaration the core cannot
+        validate (a plugin registering such a backend is skipped with a warning)."""
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must be a dataclass (@dataclass(frozen=True))")
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for declared in dataclasses.fields(cls):
+            kind = hints[declared.name]
+            if kind not in OPTION_TYPES:
+                raise TypeError(f"{cls.__name__}.{declared.name} is typed {kind!r}; options are bool, int, "
+                                "float or str")
+            if declared.name in GENERIC_LOAD_SETTINGS:
+                raise TypeError(f"{cls.__name__}.{declared.name} is a generic load setting, which every "
+                                "backend gets in load()'s options")
+            if declared.default is dataclasses.MISSING or "help" not in declared.metadata:
+                raise TypeError(f"{cls.__name__}.{declared.name} needs a default and help: declare it "
+                                "with option(default, help)")
+            specs.append(OptionSpec(declared.name, kind, declared.default, declared.metadata["help"],
+                                    declared.metadata.get("minimum"), tuple(declared.metadata.get("choices", ()))))
+        return specs
+
+    @classmethod
+    def from_values(cls: type[Options], given: Mapping[str, Any], backend: str) -> Options:
+        """The options ``given`` names, validated, with every other one at its default."""
+        specs = {spec.name: spec for spec in cls.specs()}
+        for name in given:
+            if name not in specs:
+                raise BackendError(f"backend {backend!r} has no option {name!r} "
+                                   f"(its options: {', '.join(specs) or 'none'}; `influence plugins` lists them)")
+        return cls(**{name: specs[name].value(value, backend) for name, value in given.items()})
 
 
 class Backend(ABC):
@@ -174,6 +288,9 @@ class Backend(ABC):
     description: str = ""
     # False for backends that run an exported graph (ONNX) and so need no architecture plugin.
     uses_architectures: bool = True
+    # This backend's own options (1.2). A backend that declares some receives them in `load` as
+    # ``backend_options``, an instance of this class; one that declares none is called without.
+    options_type: type[BackendOptions] = BackendOptions
 
     @abstractmethod
     def available_devices(self) -> list[str]:
@@ -211,8 +328,10 @@ class Backend(ABC):
     @abstractmethod
     def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
              options: dict[str, Any]) -> Runner:
-        """Build a `Runner` for ``source``. ``options`` are backend settings given with ``-b KEY VALUE``
-        (threads, ...); unknown keys raise `BackendError`."""
+        """Build a `Runner` for ``source``. ``options`` holds the generic settings that were given
+        (`GENERIC_LOAD_SETTINGS`: threads, context_length, max_batch; absent when not given). A
+        backend with its own `options_type` takes them as a further parameter, ``backend_options``,
+        defaulting to ``options_type()``, already validated by the core."""
 
 
 @dataclass

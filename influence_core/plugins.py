@@ -41,7 +41,7 @@ from .errors import (
     SamplingError,
     UnsupportedArchitectureError,
 )
-from .interfaces import Architecture, Backend, ModelLoader, ModelResolver, ModelSource, Sampler, ToolParser
+from .interfaces import Architecture, Backend, BackendOptions, ModelLoader, ModelResolver, ModelSource, Sampler, ToolParser
 
 ENTRY_POINT_GROUP = "influence"
 BUILTIN_DISTRIBUTION = "influence"  # the plugins we ship come with the core's own distribution
@@ -50,10 +50,6 @@ LOAD_PLUGINS_ENV = "INFLUENCE_LOAD_PLUGINS"
 TRACE_PLUGINS_ENV = "INFLUENCE_TRACE_PLUGINS"
 HOOKSPEC_VERSION_ATTRIBUTE = "influence_hookspec_version"
 NOTICES = "notices.json"  # in INFLUENCE_HOME: the override notices already shown once
-
-# Architecture plugins published for model types the core does not build itself, so that a model
-# whose plugin is missing fails saying what to install.
-KNOWN_ARCHITECTURE_PLUGINS = {"qwen2": "influence-qwen2", "mistral": "influence-mistral"}
 
 hookimpl = pluggy.HookimplMarker("influence")
 
@@ -103,6 +99,8 @@ class PluginInfo:
     hooks: list[str]
     provides: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # "sampler:argmax (built-in, of samplers)"
+    # Each backend's own options (`BackendOptions`), as `OptionSpec.as_dict` gives them.
+    backend_options: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,18 +219,13 @@ class Registry:
                 f"no installed plugin builds model type {wanted!r} for backend {backend!r} "
                 f"(it is built for: {built_for})"
             )
-        if config.model_type in KNOWN_ARCHITECTURE_PLUGINS:
-            package = KNOWN_ARCHITECTURE_PLUGINS[config.model_type]
-            raise UnsupportedArchitectureError(
-                f"model type {wanted!r} needs an architecture plugin: pip install {package} "
-                f"(it is not installed, or {LOAD_PLUGINS_ENV} leaves it out)"
-            )
         installed = ", ".join(
             f"{a.name} ({a.backend}, plugin {self.provided_by(a)})" for a in self.architectures
         ) or "none"
         raise UnsupportedArchitectureError(
             f"no installed plugin builds model type {wanted!r} for backend {backend!r} "
-            f"(installed architectures: {installed})"
+            f"(installed architectures: {installed}); install an architecture plugin for it "
+            "(docs/plugins.md; `influence plugins` lists what is loaded)"
         )
 
 
@@ -485,12 +478,22 @@ def _call_register_hook(manager: pluggy.PluginManager, hook_name: str,
             wrong = [item for item in items if not isinstance(item, item_type)]
             if wrong:
                 raise TypeError(f"{hook_name} got {wrong[0]!r}, expected a {item_type.__name__}")
+            for backend in items if item_type is Backend else ():
+                _check_options_type(backend)
 
         if _guarded(plugin_name, hook_name, call):
             described = ", ".join(_describe(item, item_type) for item in items)
             trace(f"  {plugin_name} registered: {described or 'nothing'}")
             results.append((plugin_name, items))
     return results
+
+
+def _check_options_type(backend: Backend) -> None:
+    """A backend's `options_type` must be a `BackendOptions` the core can validate (`TypeError` otherwise)."""
+    if not (isinstance(backend.options_type, type) and issubclass(backend.options_type, BackendOptions)):
+        raise TypeError(f"backend {backend.name!r} has options_type {backend.options_type!r}, "
+                        "which is not a BackendOptions subclass")
+    backend.options_type.specs()
 
 
 def _describe(item: Any, item_type: type) -> str:
@@ -514,7 +517,9 @@ def list_plugins() -> list[PluginInfo]:
                     provides.append(f"{attribute[:-1]}:{item.name}")
         overrides = [f"{o.kind}:{o.name} (built-in, of {o.replaced})"
                      for o in [*registry.overrides, *_command_overrides] if o.plugin == name]
+        backend_options = {backend.name: [spec.as_dict() for spec in backend.options_type.specs()]
+                           for backend in registry.backends if registry.provided_by(backend) == name}
         infos.append(PluginInfo(name=name, version=dist.version if dist else None,
                                 distribution=dist.name if dist else None, hooks=hooks, provides=provides,
-                                overrides=overrides))
+                                overrides=overrides, backend_options=backend_options))
     return infos

@@ -13,9 +13,10 @@ the contracts the core relies on, and pytest fixtures to run them.
         testing.check_backend("my-backend", influence_tiny_model())
 
 Each check raises AssertionError saying what broke. The fixtures (`influence_tiny_model`,
-`influence_plugin`) reach every pytest run in an environment with influence installed, through its
-``pytest11`` entry point; ``pytest -p influence_core.testing`` loads them where plugin autoloading
-is off. The architecture checks need transformers (the reference), and every check needs torch.
+`influence_plugin`) come with this module as a pytest plugin, which a test suite enables:
+``pytest -p influence_core.testing``, or ``pytest_plugins = ["influence_core.testing"]`` in its
+top-level conftest.py or in a test module. The architecture checks need transformers (the
+reference), and every check needs torch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 
 from .errors import BackendError, SamplingError
-from .interfaces import Backend, Sampler, SamplingContext
+from .interfaces import Backend, BackendOptions, Sampler, SamplingContext
 
 # A tiny random model: big enough for grouped-query attention and two layers, small enough that
 # building it and running transformers beside it takes a fraction of a second.
@@ -235,9 +236,10 @@ def _check_picked(name: str, logits: Any, picked: Any) -> None:
 def check_backend(backend: str | Backend, model: Path) -> None:
     """Certify a backend against the backend contract on ``model`` (a tiny model from
     `make_tiny_model` in a format it reads): it declares device kinds and dtypes, resolves ``auto``
-    to a device it has, refuses devices and dtypes it cannot provide and unknown options with
-    `BackendError`, and its runner returns float32 logits of the documented shapes, rewinds, and
-    decodes a batch of one as `forward` does."""
+    to a device it has, refuses devices and dtypes it cannot provide with `BackendError`, declares
+    its own options as the core can validate them (`check_backend_options`), and its runner
+    returns float32 logits of the documented shapes, rewinds, and decodes a batch of one as
+    `forward` does."""
     import torch
 
     from .api import open_source
@@ -263,14 +265,14 @@ def check_backend(backend: str | Backend, model: Path) -> None:
         expect_error(BackendError, lambda: backend.resolve_device(requested), f"resolve_device({requested!r})")
     assert backend.resolve_dtype("auto", device) in backend.dtypes, f"backend {name!r}: 'auto' dtype is not declared"
     expect_error(BackendError, lambda: backend.resolve_dtype("float7", device), "resolve_dtype('float7')")
+    check_backend_options(backend)
 
     source = open_source(model)
     dtype = "float32" if "float32" in backend.dtypes else backend.resolve_dtype("auto", device)
     tolerance = FLOAT32_TOLERANCE if dtype == "float32" else BFLOAT16_TOLERANCE
     architecture = registry.architecture_for(source.config, name) if backend.uses_architectures else None
-    expect_error(BackendError, lambda: backend.load(source, architecture, device, dtype, {"no_such_option": 1}),
-                 "load with the option no_such_option")
-    runner = backend.load(source, architecture, device, dtype, {})
+    declared = {} if backend.options_type is BackendOptions else {"backend_options": backend.options_type()}
+    runner = backend.load(source, architecture, device, dtype, {}, **declared)
     assert runner.context_length > 0 and runner.max_batch >= 1, (
         f"runner has context_length {runner.context_length} and max_batch {runner.max_batch}")
     vocab = source.config.vocab_size
@@ -291,6 +293,29 @@ def check_backend(backend: str | Backend, model: Path) -> None:
     assert tuple(batch.shape) == (1, vocab), f"decode_batch returned shape {tuple(batch.shape)}"
     assert_close(batch[0], full[-1], "decode_batch of one sequence against forward", tolerance)
     runner.close()
+
+
+def check_backend_options(backend: Backend) -> None:
+    """A backend's own options (`Backend.options_type`) are declared so that the core can validate
+    them: each typed bool, int, float or str with a default of its type and a line of help; an
+    undeclared one, and a value of the wrong type, are refused with `BackendError`."""
+    name = backend.name
+    options_type = backend.options_type
+    assert isinstance(options_type, type) and issubclass(options_type, BackendOptions), (
+        f"backend {name!r}: options_type {options_type!r} is not a BackendOptions subclass")
+    try:
+        specs = options_type.specs()
+    except TypeError as error:
+        raise AssertionError(f"backend {name!r}: {error}") from None
+    for spec in specs:
+        assert spec.help.strip(), f"backend {name!r}: option {spec.name} has no help"
+        assert spec.value(spec.default, name) == spec.default, (
+            f"backend {name!r}: option {spec.name}'s default {spec.default!r} is not a valid value of it")
+        wrong = "not a number" if spec.type is not str else 12
+        expect_error(BackendError, lambda: options_type.from_values({spec.name: wrong}, name),
+                     f"option {spec.name}={wrong!r}")
+    expect_error(BackendError, lambda: options_type.from_values({"no_such_option": 1}, name),
+                 "the option no_such_option")
 
 
 # ---- tiny models ------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_hub import FakeHub  # noqa: E402
 from tiny_models import TINY_VARIANTS, make_tiny_llama  # noqa: E402
 
+# The conformance kit's fixtures (influence_tiny_model, influence_plugin), as plugin authors enable them.
+pytest_plugins = ["influence_core.testing"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:

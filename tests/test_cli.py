@@ -116,6 +116,10 @@ def test_broken_models_give_one_clear_line(capsys, tmp_path, tiny_model, change,
     (["--sampler", "nope"], "unknown sampler 'nope'"),
     (["--sampler", "top_k", "-o", "k", "0"], "top_k must be >= 1"),
     (["-o", "k", "3"], "need --sampler"),
+    (["-B", "beams=2"], "backend 'torch' has no option 'beams' (its options: tensor_parallel, compiled"),
+    (["-B", "compiled=sometimes"], "backend 'torch' option compiled must be true or false, got 'sometimes'"),
+    (["-B", "compiled"], "-B 'compiled' needs a key and a value: -B KEY=VALUE"),
+    (["--backend", "onnx", "-B", "compiled=true"], "backend 'onnx' has no option 'compiled'"),
 ])
 def test_bad_arguments_give_one_clear_line(capsys, tiny_model, args, message):
     full = ["generate", "hi", "-p", str(tiny_model), *args]

@@ -148,7 +148,7 @@ def test_a_built_step_gives_the_eager_logits_and_later_runs_load_it(tiny_models,
     """A real AOTInductor build of a tiny model (about 15 s of CPU), then a reload and an
     invalidation by changed weights."""
     path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
-    built = influence.load(path, device="cpu", dtype="float32", compiled=True, max_batch=3)
+    built = influence.load(path, device="cpu", dtype="float32", max_batch=3, backend_options={"compiled": True})
     assert built.runner.graph_step is not None
     eager = influence.load(path, device="cpu", dtype="float32", max_batch=3)
     eager.runner.graph_step = None

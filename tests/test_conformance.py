@@ -3,7 +3,6 @@ mistakes it exists to catch."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -46,7 +45,7 @@ class WindowlessMistral:
     @hookimpl(tryfirst=True)
     def register_architectures(register):
         def build(config, weights, device, dtype):
-            from influence_torch.llama import build_llama
+            from influence_torch import build_llama
 
             return build_llama(config, weights, device, dtype)
 
@@ -102,16 +101,67 @@ def test_the_kit_catches_a_backend_that_accepts_any_device(influence_tiny_model)
         testing.check_backend(Agreeable(), influence_tiny_model())
 
 
-def test_the_fixtures_load_with_pytest_p_when_autoloading_is_off(tmp_path):
+def test_the_fixtures_come_only_to_a_suite_that_enables_the_kit(tmp_path):
     (tmp_path / "test_uses_the_kit.py").write_text(textwrap.dedent('''
         def test_fixture(influence_plugin):
             class Nothing:
                 pass
             influence_plugin(Nothing, "nothing")
     '''))
-    environment = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "influence_core.testing",
-                          "-p", "no:cacheprovider", str(tmp_path)],
-                         capture_output=True, text=True, env=environment, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 passed" in run.stdout
+
+    def pytest(*options):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, str(tmp_path)],
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    enabled = pytest("-p", "influence_core.testing")
+    assert enabled.returncode == 0, enabled.stdout + enabled.stderr
+    assert "1 passed" in enabled.stdout
+    # Installing influence adds nothing to other projects' test sessions.
+    plain = pytest()
+    assert plain.returncode == 1 and "fixture 'influence_plugin' not found" in plain.stdout
+
+
+def test_the_kit_catches_backend_options_the_core_cannot_validate(influence_tiny_model):
+    from dataclasses import dataclass
+
+    from influence_core.interfaces import BackendOptions
+    from influence_torch.backend import TorchBackend
+
+    @dataclass(frozen=True)
+    class Undocumented(BackendOptions):
+        beams: int = 1
+
+    class Sloppy(TorchBackend):
+        name = "sloppy"
+        options_type = Undocumented
+
+    with pytest.raises(AssertionError, match=r"backend 'sloppy': Undocumented.beams needs a default and help"):
+        testing.check_backend(Sloppy(), influence_tiny_model())
+
+
+class Hollow:
+    """What an architecture builds when it forgets most of the TorchCausalLM interface."""
+
+    weight_format = "float32"
+
+    def forward(self, tokens, positions, keys, caches, first_slot=0, last_only=True):
+        raise AssertionError("never run")
+
+
+class HollowLlama:
+    @staticmethod
+    @hookimpl(tryfirst=True)
+    def register_architectures(register):
+        register(Architecture("hollow", "torch", ("llama",), lambda config, weights, device, dtype: Hollow()))
+
+
+def test_a_torch_architecture_building_no_causal_lm_is_one_clear_error(influence_plugin, influence_tiny_model):
+    import influence_core as influence
+    from influence_core.errors import BackendError
+
+    influence_plugin(HollowLlama, "hollow")
+    with pytest.raises(BackendError) as refused:
+        influence.load(influence_tiny_model(), device="cpu")
+    assert str(refused.value) == ("architecture 'hollow' built a Hollow without __call__, config, new_caches, "
+                                  "kv_bytes_per_position: the torch backend runs models with the interface of "
+                                  "influence_torch.TorchCausalLM (docs/plugins.md)")

@@ -185,7 +185,8 @@ def test_every_graph_optimization_level_gives_the_same_logits(home, tiny_model):
     expected = influence.load(tiny_model, backend="onnx").logits(PROMPT_IDS)
     for level in onnx_backend.OPTIMIZATION_LEVELS:
         source = open_source(tiny_model)
-        runner = onnx_backend.OnnxBackend().load(source, None, "cpu", "float32", {"graph_optimization": level})
+        runner = onnx_backend.OnnxBackend().load(source, None, "cpu", "float32", {},
+                                                onnx_backend.OnnxOptions(graph_optimization=level))
         assert torch.allclose(runner.forward(PROMPT_IDS, 0, all_logits=True), expected, atol=1e-5, rtol=0), level
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from influence_core import hookimpl, register_plugin
+from influence_core.hookspecs import HOOKSPEC_VERSION
 from influence_core.interfaces import Architecture, Sampler
 from influence_core.plugins import call_each_implementation, get_registry
 
@@ -147,8 +148,11 @@ def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
 
 
 def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
-    for name, version in [("next-major", "2.0"), ("next-minor", "1.3"), ("older-major", "0.9"), ("current", "1.2"),
-                          ("older-minor", "1.0")]:
+    core = HOOKSPEC_VERSION
+    major, minor = map(int, core.split("."))
+    next_minor = f"{major}.{minor + 1}"
+    for name, version in [("next-major", f"{major + 1}.0"), ("next-minor", next_minor), ("older-major", "0.9"),
+                          ("current", core), ("older-minor", f"{major}.0")]:
         install_fake_distribution(site, name, "0.1", name.replace("-", "_"), f'''
             from influence_core import hookimpl
             influence_hookspec_version = "{version}"
@@ -161,12 +165,12 @@ def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):
     assert {"current", "older-minor", "shift-sampler"} <= {p["name"] for p in json.loads(listing.stdout)}
     assert not {"next-major", "next-minor", "older-major"} & {p["name"] for p in json.loads(listing.stdout)}
     warnings = listing.stderr.splitlines()
-    assert ("influence: warning: plugin 'next-major' (next_major) was written for influence hook spec 2.0, but this "
-            "influence provides hook spec 1.2: upgrade influence; it was skipped") in warnings
-    assert ("influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec 1.3, but this "
-            "influence provides hook spec 1.2: upgrade influence; it was skipped") in warnings
+    assert (f"influence: warning: plugin 'next-major' (next_major) was written for influence hook spec {major + 1}.0, "
+            f"but this influence provides hook spec {core}: upgrade influence; it was skipped") in warnings
+    assert (f"influence: warning: plugin 'next-minor' (next_minor) was written for influence hook spec {next_minor}, "
+            f"but this influence provides hook spec {core}: upgrade influence; it was skipped") in warnings
     assert ("influence: warning: plugin 'older-major' (older_major) was written for influence hook spec 0.9, but this "
-            "influence provides hook spec 1.2: install a release of the plugin written for hook spec 1.x; "
+            f"influence provides hook spec {core}: install a release of the plugin written for hook spec {major}.x; "
             "it was skipped") in warnings
 
 
@@ -178,7 +182,7 @@ def test_registering_a_plugin_for_other_hook_specs_in_process_is_refused():
     from influence_core.errors import PluginVersionError
 
     with pytest.raises(PluginVersionError, match="'future' was written for influence hook spec 2.0, but this "
-                                                 "influence provides hook spec 1.2"):
+                                                 f"influence provides hook spec {HOOKSPEC_VERSION}"):
         register_plugin(FromTheFuture, name="future")
 
 
@@ -237,12 +241,97 @@ def test_influence_trace_plugins_shows_each_hook_call_and_what_each_plugin_regis
     assert "trace" not in quiet.stderr
 
 
-def test_a_model_whose_architecture_plugin_is_missing_names_the_plugin_to_install(site, influence_tiny_model):
+def test_a_model_whose_architecture_plugin_is_missing_says_where_to_look(site, influence_tiny_model):
     run = influence(site, "generate", "t5", "--raw", "-p", str(influence_tiny_model("qwen2")),
                     INFLUENCE_LOAD_PLUGINS="torch,samplers,safetensors")
     assert run.returncode == 1
-    assert run.stderr.strip() == ("error: model type 'qwen2' needs an architecture plugin: pip install influence-qwen2 "
-                                  "(it is not installed, or INFLUENCE_LOAD_PLUGINS leaves it out)")
+    assert run.stderr.strip() == ("error: no installed plugin builds model type 'qwen2' for backend 'torch' "
+                                  "(installed architectures: llama (torch, plugin torch)); install an architecture "
+                                  "plugin for it (docs/plugins.md; `influence plugins` lists what is loaded)")
+
+
+BACKEND_WITH_OPTIONS = '''
+from dataclasses import dataclass
+
+from influence_core import hookimpl
+from influence_core.interfaces import BackendOptions, option
+from influence_torch.backend import TorchBackend
+
+influence_hookspec_version = "1.2"
+
+
+@dataclass(frozen=True)
+class EchoOptions(BackendOptions):
+    {field}
+
+
+class EchoBackend(TorchBackend):
+    name = "echo"
+    options_type = EchoOptions
+    uses_architectures = False
+
+    def load(self, source, architecture, device, dtype, options, backend_options=EchoOptions()):
+        raise SystemExit(f"echo got {{backend_options!r}}")
+
+
+@hookimpl
+def register_backends(register):
+    register(EchoBackend())
+'''
+
+
+def test_a_backends_own_options_are_listed_validated_and_passed_typed(site, tiny_model):
+    install_fake_distribution(site, "echo-backend", "0.1", "echo_backend", BACKEND_WITH_OPTIONS.format(
+        field='beams: int = option(1, "How many beams.", minimum=1)\n    fast: bool = option(False, "Go fast.")'))
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0, listing.stderr
+    options = {p["name"]: p["backend_options"] for p in json.loads(listing.stdout)}
+    assert options["echo-backend"] == {"echo": [
+        {"name": "beams", "type": "int", "default": 1, "help": "How many beams.", "minimum": 1, "choices": []},
+        {"name": "fast", "type": "bool", "default": False, "help": "Go fast.", "minimum": None, "choices": []}]}
+    assert [o["name"] for o in options["torch"]["torch"]] == ["tensor_parallel", "compiled"]
+    table = influence(site, "plugins")
+    assert "backend options (-B KEY=VALUE)" in table.stdout and "How many beams." in table.stdout
+
+    def generate(*options):
+        return influence(site, "generate", "hi", "-p", str(tiny_model), "--backend", "echo", *options)
+
+    passed = generate("-B", "beams=3", "-B", "fast=yes")
+    assert "echo got EchoOptions(beams=3, fast=True)" in passed.stderr, passed.stderr
+    for options, message in [
+        (["-B", "width=2"], "error: backend 'echo' has no option 'width' (its options: beams, fast; "
+                            "`influence plugins` lists them)"),
+        (["-B", "beams=0"], "error: backend 'echo' option beams must be an integer >= 1, got '0'"),
+        (["-B", "beams=two"], "error: backend 'echo' option beams must be an integer >= 1, got 'two'"),
+        (["-B", "fast=maybe"], "error: backend 'echo' option fast must be true or false, got 'maybe'"),
+        (["-B", "beams"], "error: -B 'beams' needs a key and a value: -B KEY=VALUE"),
+        (["-B", "beams=2", "-B", "beams=3"], "error: -B beams is given twice"),
+    ]:
+        refused = generate(*options)
+        assert refused.returncode == 1 and refused.stderr == message + "\n", refused.stderr
+
+
+def test_a_backend_whose_options_the_core_cannot_validate_is_skipped(site):
+    install_fake_distribution(site, "echo-backend", "0.1", "echo_backend", BACKEND_WITH_OPTIONS.format(
+        field="beams: int = 1"))
+    listing = influence(site, "plugins", "--json")
+    assert listing.returncode == 0
+    assert "echo-backend" in {p["name"] for p in json.loads(listing.stdout)}
+    assert ("influence: warning: plugin 'echo-backend' was skipped for register_backends: TypeError: "
+            "EchoOptions.beams needs a default and help: declare it with option(default, help)") in listing.stderr
+
+
+def test_options_from_python_are_checked_for_type_not_read_as_text(tiny_model):
+    import influence_core as influence
+    from influence_core.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"option tensor_parallel must be an integer >= 1, got True"):
+        influence.load(tiny_model, device="cpu", backend_options={"tensor_parallel": True})
+    with pytest.raises(BackendError, match=r"option compiled must be true or false, got 1"):
+        influence.load(tiny_model, device="cpu", backend_options={"compiled": 1})
+    with pytest.raises(BackendError, match=r"backend 'onnx' has no option 'compiled' "
+                                           r"\(its options: graph_optimization"):
+        influence.load(tiny_model, backend="onnx", device="cpu", backend_options={"compiled": True})
 
 
 def test_a_model_built_only_for_another_backend_names_the_backends_it_has():

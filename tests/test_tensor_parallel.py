@@ -30,7 +30,7 @@ import influence_core as influence
 
 results = {{}}
 for path in sys.argv[2:]:
-    model = influence.load(path, device="cpu", tensor_parallel=2, max_batch=3)
+    model = influence.load(path, device="cpu", max_batch=3, backend_options={{"tensor_parallel": 2}})
     results[path] = dict(
         logits=model.logits({PROMPT_IDS}),
         greedy=model.generate({PROMPT_IDS}, max_tokens=24, temperature=0).token_ids,
@@ -103,25 +103,26 @@ def test_two_ranks_give_the_logits_and_tokens_of_one_process(tiny_model, biased_
                                                                           temperature=0)]
 
 
-def test_the_cli_starts_its_ranks_and_only_rank_0_prints(tiny_model):
+def test_the_launcher_starts_the_ranks_and_only_rank_0_prints(tiny_model):
     expected = influence.load(tiny_model, device="cpu").generate("hello world", raw=True, max_tokens=16,
                                                                  temperature=0)
-    done = subprocess.run([*CLI, "generate", "hello world", "-p", str(tiny_model), "--raw", "--device", "cpu",
-                           "--tensor-parallel", "2", "--temperature", "0", "--max-tokens", "16", "--no-stream"],
+    done = subprocess.run([*CLI, "tensor-parallel", "2", "generate", "hello world", "-p", str(tiny_model), "--raw",
+                           "--device", "cpu", "--temperature", "0", "--max-tokens", "16", "--no-stream", "--stats"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == expected.text + "\n"
+    assert [line.startswith("prompt ") for line in done.stderr.splitlines()].count(True) == 1, done.stderr
     # Sampling with no --seed: the ranks agree on one, or rank 1 would fail on the first step.
-    sampled = subprocess.run([*CLI, "generate", "hello", "-p", str(tiny_model), "--raw", "--device", "cpu",
-                              "--tensor-parallel", "2", "--temperature", "1.0", "--max-tokens", "16", "--json"],
+    sampled = subprocess.run([*CLI, "tensor-parallel", "2", "generate", "hello", "-p", str(tiny_model), "--raw",
+                              "--device", "cpu", "--temperature", "1.0", "--max-tokens", "16", "--json"],
                              capture_output=True, text=True, timeout=120)
     assert sampled.returncode == 0, sampled.stderr
     assert len(sampled.stdout.splitlines()) == 1
 
 
 def test_a_rank_that_dies_stops_the_others_with_a_clear_error(long_context_model):
-    launcher = subprocess.Popen([*CLI, "generate", "hello", "-p", str(long_context_model), "--raw", "--device", "cpu",
-                                 "--tensor-parallel", "2", "--temperature", "0", "--max-tokens", "8000"],
+    launcher = subprocess.Popen([*CLI, "tensor-parallel", "2", "generate", "hello", "-p", str(long_context_model),
+                                 "--raw", "--device", "cpu", "--temperature", "0", "--max-tokens", "8000"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert os.read(launcher.stdout.fileno(), 1), "the ranks never started generating"
@@ -139,8 +140,8 @@ def test_a_rank_that_dies_stops_the_others_with_a_clear_error(long_context_model
 
 
 def test_stopping_the_launcher_stops_its_ranks(long_context_model):
-    launcher = subprocess.Popen([*CLI, "generate", "hello", "-p", str(long_context_model), "--raw", "--device", "cpu",
-                                 "--tensor-parallel", "2", "--temperature", "0", "--max-tokens", "8000"],
+    launcher = subprocess.Popen([*CLI, "tensor-parallel", "2", "generate", "hello", "-p", str(long_context_model),
+                                 "--raw", "--device", "cpu", "--temperature", "0", "--max-tokens", "8000"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
         assert os.read(launcher.stdout.fileno(), 1), "the ranks never started generating"
@@ -158,7 +159,7 @@ def test_under_torchrun_a_dead_rank_is_a_clear_error_on_the_others(long_context_
     # Nobody watches these ranks, as under a launcher that does not stop the rest: rank 0 must see for
     # itself that its peer is gone.
     ranks = start_ranks([*CLI, "generate", "hello", "-p", str(long_context_model), "--raw", "--device", "cpu",
-                         "--tensor-parallel", "2", "--temperature", "0", "--max-tokens", "8000"],
+                         "-B", "tensor_parallel=2", "--temperature", "0", "--max-tokens", "8000"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert os.read(ranks[0].stdout.fileno(), 1), "the ranks never started generating"
@@ -173,16 +174,35 @@ def test_under_torchrun_a_dead_rank_is_a_clear_error_on_the_others(long_context_
 
 
 def test_heads_that_do_not_divide_are_one_clear_error(tiny_models):
-    done = subprocess.run([*CLI, "generate", "hi", "-p", str(tiny_models["bias_headdim_sharded"]), "--device", "cpu",
-                           "--tensor-parallel", "2"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([*CLI, "tensor-parallel", "2", "generate", "hi", "-p", str(tiny_models["bias_headdim_sharded"]),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert done.stderr == ("error: --tensor-parallel 2 cannot split this model: its key-value heads (1) do not "
+    assert done.stderr == ("error: tensor_parallel 2 cannot split this model: its key-value heads (1) do not "
                            "divide by 2\n")
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["generate", "-", "-p", "MODEL"], "reads no prompt from stdin"),
+    (["chat", "-p", "MODEL"], "it runs generate only"),
+    ([], "give the command to split after N"),
+    (["generate", "hi", "-p", "MODEL", "-B", "tensor_parallel=3"], "give the number of ranks once"),
+    (["generate", "hi", "-p", "MODEL", "--backend", "onnx"], "the torch backend's, not --backend onnx's"),
+])
+def test_the_launcher_refuses_what_the_ranks_cannot_run(tiny_model, arguments, message):
+    arguments = [str(tiny_model) if argument == "MODEL" else argument for argument in arguments]
+    done = subprocess.run([*CLI, "tensor-parallel", "2", *arguments], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and message in done.stderr and len(done.stderr.splitlines()) == 1
+
+
 def test_tensor_parallel_needs_one_process_per_rank(tiny_model):
-    with pytest.raises(BackendError, match="torchrun --nproc-per-node 2"):
-        influence.load(tiny_model, device="cpu", tensor_parallel=2)
+    with pytest.raises(BackendError, match="influence tensor-parallel 2 COMMAND .*torchrun --nproc-per-node 2"):
+        influence.load(tiny_model, device="cpu", backend_options={"tensor_parallel": 2})
+
+
+def test_tensor_parallel_is_not_compiled(tiny_model):
+    with pytest.raises(BackendError, match="tensor_parallel and compiled do not go together"):
+        influence.load(tiny_model, device="cpu", backend_options={"tensor_parallel": 2, "compiled": True})
 
 
 def test_the_cost_benchmark_runs_on_two_ranks(tiny_model):
@@ -208,7 +228,7 @@ source = open_source(sys.argv[2])
 runner = load_tensor_parallel(source, get_registry().architecture_for(source.config, "torch"), "cuda", "float32",
                               256, 1, world_size=1)
 assert runner.device == "cuda:0" and torch.distributed.get_backend() == "nccl"
-runner.shared_seed()
+runner.random_seed()
 torch.save(runner.forward({PROMPT_IDS}, 0, all_logits=True).cpu(), sys.argv[1])
 runner.close()
 """

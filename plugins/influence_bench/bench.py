@@ -101,7 +101,7 @@ def _measure_ours(case: Case, settings: Settings, result: Measurement) -> None:
     result.runtime_rss_mb = rss_mb("VmRSS")
     started = time.perf_counter()
     model = influence_core.load(settings.model, backend=case.engine, device=settings.device, dtype=case.dtype,
-                                threads=settings.threads, compiled=case.compiled)
+                                threads=settings.threads, backend_options={"compiled": True} if case.compiled else None)
     result.load_s = time.perf_counter() - started
     result.weight_bytes_per_token = weight_bytes_per_token(model.config, case.dtype)
     runner = model.runner
@@ -452,11 +452,11 @@ def generate_cases(model: list[str], backend: str, dtypes: list[str], device: st
     """``model``: the model arguments (``-m NAME``, ``-p PATH`` or none for the default model)."""
     cases = []
     for dtype in dtypes:
-        flags = ["--compile"] if compiled else []
+        flags = ["-B", "compiled=true"] if compiled else []
         command = [*influence_command(), "generate", CLI_PROMPT, *model, "--backend", backend, "--device", device,
                    "--dtype", dtype, "--threads", str(threads), "--max-tokens", str(max_tokens),
                    "--temperature", "0", "--json", *flags]
-        cases.append(ProcessCase(f"influence generate --backend {backend} --dtype {dtype}{' --compile' * compiled}",
+        cases.append(ProcessCase(f"influence generate --backend {backend} --dtype {dtype}{' -B compiled=true' * compiled}",
                                  command))
     return cases
 

@@ -15,20 +15,27 @@ import hashlib
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from influence_core.errors import BackendError, ContextLengthError
-from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
+from influence_core.interfaces import Architecture, Backend, BackendOptions, ModelSource, Runner, option
 
 from .export import damaged, export_for, model_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-# max_batch is accepted and the runner keeps one sequence (max_batch 1): batches and servers queue
-# their sequences and decode them one after another.
-OPTIONS = ("threads", "context_length", "max_batch", "graph_optimization")
 INITIAL_CACHE_POSITIONS = 256
+
+
+@dataclass(frozen=True)
+class OnnxOptions(BackendOptions):
+    """The ONNX backend's own options (``-B KEY=VALUE``)."""
+
+    graph_optimization: str = option(
+        "all", "ONNX Runtime's graph optimization level; the optimized graph is kept beside the export.",
+        choices=OPTIMIZATION_LEVELS)
 
 
 class OnnxBackend(Backend):
@@ -37,6 +44,7 @@ class OnnxBackend(Backend):
     dtypes = ("float32", "float16", "int8")
     description = "ONNX Runtime over optimum's export (exported once per model, kept in the store)"
     uses_architectures = False
+    options_type = OnnxOptions
 
     def available_devices(self) -> list[str]:
         import onnxruntime
@@ -67,18 +75,14 @@ class OnnxBackend(Backend):
         return dtype
 
     def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
-             options: dict[str, Any]) -> Runner:
-        unknown = set(options) - set(OPTIONS)
-        if unknown:
-            raise BackendError(f"backend 'onnx' has no option {sorted(unknown)[0]!r} (options: {', '.join(OPTIONS)})")
-        optimization = options.get("graph_optimization", "all")
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise BackendError(f"graph_optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, "
-                               f"got {optimization!r}")
+             options: dict[str, Any], backend_options: OnnxOptions = OnnxOptions()) -> Runner:
+        # max_batch is accepted, and the runner keeps one sequence (its max_batch is 1): batches and
+        # servers queue their sequences and decode them one after another.
         context_length = min(int(options.get("context_length") or source.config.context_length),
                              source.config.context_length)
         export = export_for(source)
-        session = open_session(export, model_file(export, dtype), device, options.get("threads"), optimization)
+        session = open_session(export, model_file(export, dtype), device, options.get("threads"),
+                               backend_options.graph_optimization)
         return OnnxRunner(session, export, device, context_length)
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from influence_core.errors import BackendError, ContextLengthError
-from influence_core.interfaces import Architecture, Backend, ModelSource, Runner
 from influence_core.artifacts import fingerprint
+from influence_core.errors import BackendError, ContextLengthError
+from influence_core.interfaces import Architecture, Backend, BackendOptions, ModelSource, Runner, option
+
+from .protocol import TorchCausalLM, check_causal_lm
 
 
 FIRST_CAPACITY = 256  # KV positions a runner starts with; the cache doubles from there as runs need
@@ -16,11 +19,11 @@ KV_MEMORY_SHARE = 0.5  # at most this share of the machine's memory goes to a co
 
 
 class TorchRunner(Runner):
-    """Drives a `Llama`: owns its KV cache (grown in powers of two as positions are reached, never
-    sized to the model's advertised context up front) and runs each call through the eager
+    """Drives a `TorchCausalLM`: owns its KV cache (grown in powers of two as positions are reached,
+    never sized to the model's advertised context up front) and runs each call through the eager
     model, and single-token and batched decode through `graph_step` when there is one."""
 
-    def __init__(self, model: Any, device: str, context_length: int, max_batch: int) -> None:
+    def __init__(self, model: TorchCausalLM, device: str, context_length: int, max_batch: int) -> None:
         import torch
 
         self.model = model
@@ -126,12 +129,25 @@ def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
     if affordable < FIRST_CAPACITY:
         raise BackendError(f"the KV cache needs {bytes_per_position / 2**20:.1f} MiB per position, so even "
                            f"{FIRST_CAPACITY} positions do not fit in half of this machine's "
-                           f"{memory / 2**30:.1f} GiB; use a smaller -b max_batch")
+                           f"{memory / 2**30:.1f} GiB; use a smaller max_batch (--max-batch)")
     capped = affordable // FIRST_CAPACITY * FIRST_CAPACITY
     print(f"influence: the model's context of {context_length:,} positions would need "
           f"{context_length * bytes_per_position / 2**30:,.1f} GiB of KV cache; this run holds "
-          f"{capped:,} (half of this machine's memory; -b context_length N chooses fewer)", file=sys.stderr)
+          f"{capped:,} (half of this machine's memory; a smaller context_length holds fewer)", file=sys.stderr)
     return capped
+
+
+@dataclass(frozen=True)
+class TorchOptions(BackendOptions):
+    """The torch backend's own options: ``-B KEY=VALUE`` on the command line, ``backend_options`` in
+    `influence_core.api.load`."""
+
+    tensor_parallel: int = option(
+        1, "Split the model across N processes, one per rank (N GPUs with NCCL, or CPU processes with gloo), "
+           "started by `influence tensor-parallel N` or torchrun; docs/scaling.md.", minimum=1)
+    compiled: bool = option(
+        False, "Use the compiled decode step, building it into the store first if it is not there (a minute "
+               "or more, once; `influence prepare` does it ahead of time). Runs load one built before unasked.")
 
 
 class TorchBackend(Backend):
@@ -139,6 +155,7 @@ class TorchBackend(Backend):
     devices = ("cpu", "cuda", "mps")
     dtypes = ("float32", "bfloat16", "float16", "int8", "int4")
     description = "PyTorch on CPU, CUDA or Apple MPS; int8/int4 weight-only quantization on CPU"
+    options_type = TorchOptions
 
     def available_devices(self) -> list[str]:
         import torch
@@ -171,37 +188,37 @@ class TorchBackend(Backend):
         return dtype
 
     def load(self, source: ModelSource, architecture: Architecture | None, device: str, dtype: str,
-             options: dict[str, Any]) -> Runner:
+             options: dict[str, Any], backend_options: TorchOptions = TorchOptions()) -> Runner:
         import torch
 
-        unknown = set(options) - {"threads", "context_length", "max_batch", "tensor_parallel", "compile"}
-        if unknown:
-            raise BackendError(f"backend 'torch' has no option {sorted(unknown)[0]!r} "
-                               "(options: threads, context_length, max_batch, tensor_parallel, compile)")
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
         context_length = min(int(options.get("context_length") or source.config.context_length),
                              source.config.context_length)
         max_batch = int(options.get("max_batch") or 1)
-        tensor_parallel = int(options.get("tensor_parallel") or 1)
-        if tensor_parallel > 1:
+        if backend_options.tensor_parallel > 1:
+            if backend_options.compiled:
+                raise BackendError("the torch backend's options tensor_parallel and compiled do not go together: "
+                                   "a tensor-parallel run's decode step is eager")
             from .tensor_parallel import load_tensor_parallel
 
-            return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
+            return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch,
+                                        backend_options.tensor_parallel)
         from .compiled import artifact_path, load_step, prepare_step, step_key
         from .linear import float_weights_left_for_inductor, return_freed_memory
 
         # A compiled step is used when asked for (and built if missing), or whenever one was built
         # before (`influence prepare`); without one, every step runs eager.
         key = step_key(f"{architecture.name} {fingerprint(source.path)}", dtype, device)
-        compiled = bool(options.get("compile")) or (artifact_path(key) / "key.json").is_file()
+        compiled = backend_options.compiled or (artifact_path(key) / "key.json").is_file()
         # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
             model = architecture.build(source.config, source.weights(), device, dtype)
         return_freed_memory()
+        check_causal_lm(model, architecture)
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
         runner.weight_format = model.weight_format
-        if options.get("compile"):
+        if backend_options.compiled:
             runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}",
                                              source.path)
         elif compiled:

@@ -20,8 +20,8 @@ every weight format works. The all-reduces are then added to the built model in 
 forward hooks. After them the logits are identical on every rank, so every rank runs the same
 generation loop; `TensorParallelRunner` checks each step against rank 0's.
 
-Processes: torchrun, or `influence generate --tensor-parallel N` (influence_core/launch.py). NCCL on
-CUDA (rank r on cuda:LOCAL_RANK), gloo on CPU.
+Processes: torchrun, or `influence tensor-parallel N COMMAND` (launch.py), each loading the model with
+the backend option ``tensor_parallel=N``. NCCL on CUDA (rank r on cuda:LOCAL_RANK), gloo on CPU.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch.distributed as dist
 from influence_core.config import ModelConfig
 from influence_core.errors import BackendError
 from influence_core.interfaces import Architecture, ModelSource, Weights
-from influence_core.launch import check_splittable
 
 from .backend import TorchRunner
+from .launch import check_splittable
 from .llama import Llama
 
 # How long a rank waits in a collective (and for its peers to join) before it gives up. Generous,
@@ -62,8 +62,8 @@ def load_tensor_parallel(source: ModelSource, architecture: Architecture, device
     model = architecture.build(rank_config(source.config, world_size), ShardedWeights(source.weights(), rank,
                                                                                         world_size), device, dtype)
     if not isinstance(model, Llama):
-        raise BackendError(f"--tensor-parallel splits Llama-family models; the {architecture.name!r} architecture "
-                           "builds another kind")
+        raise BackendError(f"tensor_parallel splits Llama-family models (built by build_llama); the "
+                           f"{architecture.name!r} architecture builds another kind")
     add_all_reduces(model)
     return TensorParallelRunner(model, device, context_length, max_batch, rank)
 
@@ -71,11 +71,11 @@ def load_tensor_parallel(source: ModelSource, architecture: Architecture, device
 def _join_process_group(device: str, world_size: int) -> tuple[int, str]:
     """(this rank, its device). One GPU per rank with NCCL; gloo on CPU."""
     if "WORLD_SIZE" not in os.environ:
-        raise BackendError(f"tensor parallelism needs one process per rank: start {world_size} under "
-                           f"`torchrun --nproc-per-node {world_size}` (`influence generate --tensor-parallel` "
-                           "starts them itself)")
+        raise BackendError(f"tensor parallelism needs one process per rank: run the command as "
+                           f"`influence tensor-parallel {world_size} COMMAND ...`, or start {world_size} processes "
+                           f"under `torchrun --nproc-per-node {world_size}`")
     if int(os.environ["WORLD_SIZE"]) != world_size:
-        raise BackendError(f"--tensor-parallel {world_size}, but {os.environ['WORLD_SIZE']} processes were started")
+        raise BackendError(f"tensor_parallel {world_size}, but {os.environ['WORLD_SIZE']} processes were started")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     if device.startswith("cuda"):
         if torch.cuda.device_count() <= local_rank:
@@ -166,7 +166,7 @@ class TensorParallelRunner(TorchRunner):
         with self._in_step_with_rank_0(tuple(token_ids), tuple(positions)):
             return super().decode_batch(token_ids, positions)
 
-    def shared_seed(self) -> int:
+    def random_seed(self) -> int:
         """A random seed, the same on every rank: rank 0 draws it. Sampling with it keeps the ranks
         picking the same tokens."""
         seed = torch.tensor([secrets.randbits(63)], device=self.device)

@@ -19,7 +19,7 @@ influence_hookspec_version = "1.0"
 
 
 def build(config: ModelConfig, weights: Weights, device: str, dtype: str) -> Any:
-    from influence_torch.llama import LlamaVariant, build_llama
+    from influence_torch import LlamaVariant, build_llama
 
     window = config.raw.get("sliding_window")
     variant = LlamaVariant(qkv_bias=False, output_bias=False, sliding_window=int(window) if window else None)

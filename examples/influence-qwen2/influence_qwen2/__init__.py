@@ -47,7 +47,7 @@ def sliding_window(config: ModelConfig) -> int | None:
 
 
 def build(config: ModelConfig, weights: Weights, device: str, dtype: str) -> Any:
-    from influence_torch.llama import LlamaVariant, build_llama
+    from influence_torch import LlamaVariant, build_llama
 
     variant = LlamaVariant(qkv_bias=True, output_bias=False, sliding_window=sliding_window(config))
     return build_llama(config, weights, device, dtype, variant=variant)

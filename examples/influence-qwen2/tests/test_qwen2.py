@@ -1,5 +1,5 @@
 """influence-qwen2 against transformers' Qwen2 (through the conformance kit), and installed the way
-users install it. The kit's fixtures come with influence itself (its pytest11 entry point)."""
+users install it. The kit's fixtures are a pytest plugin, enabled below."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import influence_core as influence
 from influence_core import testing
 from influence_core.errors import ModelFormatError
 from influence_core.plugins import get_registry
+
+# The conformance kit is a pytest plugin that a suite enables (docs/plugins.md).
+pytest_plugins = ["influence_core.testing"]
 
 INFLUENCE = [sys.executable, "-c", "from influence_core.cli import run; run()"]
 

@@ -16,7 +16,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .defaults import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+from .cli_options import (BackendOption, BackendOptionsOption, DeviceOption, DtypeOption, MaxTokensOption,
+                          ModelOption, ModelPathOption, ThreadsOption, backend_options, model_reference, utf8)
+from .defaults import DEFAULT_MODEL
 from .errors import InfluenceError
 from .sampling import MAX_SEED
 
@@ -26,43 +28,6 @@ app = typer.Typer(
          f"samplers and backends. Default model: {DEFAULT_MODEL.title}.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
-
-
-def _complete_model_names(incomplete: str) -> list[str]:
-    """Shell completion for -m: the names the model resolvers list (the store's models and aliases)."""
-    from .plugins import get_registry
-
-    try:
-        names = get_registry().model_names()
-    except InfluenceError:  # a broken store or resolver: no completions rather than an error mid-line
-        return []
-    return [name for name in names if name.startswith(incomplete)]
-
-ModelPathOption = Annotated[Optional[Path], typer.Option(
-    "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
-                               f"Default: {DEFAULT_MODEL.title}.")]
-ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
-                          "first use), a name in the store, or an alias; see `influence models list`. "
-                          "Without -m or -p: the default model (`influence models default`).",
-    autocompletion=_complete_model_names)]
-BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(
-    help="auto (on CPU the file's own precision: int4 for a 4-bit GGUF, int8 for Q8_0, bfloat16 for a 16-bit "
-         "checkpoint where the CPU has bfloat16 arithmetic, else float32; bfloat16 on GPUs), float32, bfloat16, "
-         "float16, int8, int4.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
-MaxTokensOption = Annotated[Optional[int], typer.Option(
-    min=1, help=f"Most tokens to generate. Default: {DEFAULT_MAX_TOKENS}.")]
-BackendOptionsOption = Annotated[Optional[list[str]], typer.Option(
-    "--backend-option", "-B", metavar="KEY=VALUE",
-    help="One of the backend's own options, as it declares them (`influence plugins` lists each backend's; "
-         "torch: compiled=true, tensor_parallel=N); repeatable.")]
-CompileOption = Annotated[bool, typer.Option(
-    "--compile", help="Use the torch backend's compiled decode step, building it into the store first if it "
-                      "is not there (a minute or more, once; `influence prepare` does it ahead of time). "
-                      "Runs use a step built before without this flag.")]
 
 
 def _in_range(text: str, wanted: str, inside: Callable[[float], bool]) -> float:
@@ -99,32 +64,12 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version_ca
     """Influence: run large language models locally."""
 
 
-def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> Optional[Path | str]:
-    """What -p/--model-path or -m/--model named; None means the default model."""
-    if model_path is not None and model_name is not None:
-        raise InfluenceError("give -m/--model or -p/--model-path, not both")
-    return model_name if model_name is not None else model_path
-
-
 def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
           threads: Optional[int] = None, backend_option: Optional[list[str]] = None):
     from .api import load
 
-    return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
-                threads=threads, backend_options=_backend_options(backend_option))
-
-
-def _backend_options(pairs: Optional[list[str]]) -> dict[str, str]:
-    """-B KEY=VALUE pairs by key; the backend reads each value as its option's type."""
-    options: dict[str, str] = {}
-    for pair in pairs or []:
-        key, separator, value = pair.partition("=")
-        if not separator or not key:
-            raise InfluenceError(f"-B {pair!r} needs a key and a value: -B KEY=VALUE")
-        if key in options:
-            raise InfluenceError(f"-B {key} is given twice")
-        options[key] = value
-    return options
+    return load(model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
+                threads=threads, backend_options=backend_options(backend_option))
 
 
 OPTION_FLAGS = ("-o", "--option")
@@ -200,15 +145,15 @@ def generate(
                    top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                    sampler=sampler, sampler_options=_sampler_options(option or []),
                    response_format=_constraint(output_format, json_schema, grammar, regex))
-    options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
+    options.update(_model_settings(ctx, model_reference(model_path, model_name)))
     if prompts_file is not None:
-        _generate_batch(prompts_file, _model_reference(model_path, model_name), backend, device, dtype, threads,
-                        max_batch, _backend_options(backend_option), options)
+        _generate_batch(prompts_file, model_reference(model_path, model_name), backend, device, dtype, threads,
+                        max_batch, backend_options(backend_option), options)
         return
     if prompt is None:
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
-        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
+        prompt = utf8(sys.stdin.buffer.read(), "stdin")
     model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
     stream = model.stream(prompt, **options)
     streaming = not (no_stream or as_json)
@@ -230,14 +175,6 @@ def generate(
     sys.stdout.write("\n")
     if stats:
         _print_stats(result, model)
-
-
-def _utf8(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InfluenceError(f"{what} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
-                             f"({error.reason})") from None
 
 
 def _constraint(output_format: Optional[str], json_schema: Optional[Path], grammar: Optional[Path],
@@ -268,7 +205,7 @@ def _constraint(output_format: Optional[str], json_schema: Optional[Path], gramm
 def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, max_batch, backend_options,
                     options) -> None:
     try:
-        prompts = [line for line in _utf8(prompts_file.read_bytes(), str(prompts_file)).splitlines() if line.strip()]
+        prompts = [line for line in utf8(prompts_file.read_bytes(), str(prompts_file)).splitlines() if line.strip()]
     except OSError as error:
         raise InfluenceError(f"cannot read {prompts_file}: {error.strerror}") from None
     if not prompts:
@@ -339,7 +276,7 @@ def chat(
         raise InfluenceError("this model has no chat template, so it cannot chat; use `influence generate --raw`")
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed)
-    options.update(_model_settings(ctx, _model_reference(model_path, model_name)))
+    options.update(_model_settings(ctx, model_reference(model_path, model_name)))
     run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, model)) if stats else None)
 
 

@@ -11,46 +11,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from influence_core.defaults import DEFAULT_MODEL
+from influence_core.cli_options import (BackendOption, DeviceOption, DtypeOption, ModelOption, ModelPathOption,
+                                        ThreadsOption, model_reference, utf8)
 from influence_core.errors import InfluenceError
-
-ModelPathOption = Annotated[Optional[Path], typer.Option(
-    "--model-path", "-p", help="A Hugging Face model directory or a .gguf file. "
-                               f"Default: {DEFAULT_MODEL.title}.")]
-ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="A model by name: ORG/NAME on the Hugging Face hub (downloaded into the store on "
-                          "first use), a name in the store, or an alias; see `influence models list`. "
-                          "Without -m or -p: the default model (`influence models default`).")]
-BackendOption = Annotated[str, typer.Option(help="Execution backend: torch, onnx or one a plugin adds.")]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-DtypeOption = Annotated[str, typer.Option(
-    help="auto (on CPU the file's own precision: int4 for a 4-bit GGUF, int8 for Q8_0, bfloat16 for a 16-bit "
-         "checkpoint where the CPU has bfloat16 arithmetic, else float32; bfloat16 on GPUs), float32, bfloat16, "
-         "float16, int8, int4.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for the backend.")]
-
-
-def _model_reference(model_path: Optional[Path], model_name: Optional[str]) -> Optional[Path | str]:
-    """What -p/--model-path or -m/--model named; None means the default model."""
-    if model_path is not None and model_name is not None:
-        raise InfluenceError("give -m/--model or -p/--model-path, not both")
-    return model_name if model_name is not None else model_path
 
 
 def _load(model_path: Optional[Path], model_name: Optional[str], backend: str, device: str, dtype: str,
           threads: Optional[int]):
     from influence_core.api import load
 
-    return load(_model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
+    return load(model_reference(model_path, model_name), backend=backend, device=device, dtype=dtype,
                 threads=threads)
-
-
-def _utf8(data: bytes, what: str) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InfluenceError(f"{what} is not UTF-8 text: byte 0x{data[error.start]:02x} at offset {error.start} "
-                             f"({error.reason})") from None
 
 
 def compare(
@@ -69,7 +40,7 @@ def compare(
     from .compare import compare_backends, parse_backends, print_comparison
 
     if prompt == "-":
-        prompt = _utf8(sys.stdin.buffer.read(), "stdin")
+        prompt = utf8(sys.stdin.buffer.read(), "stdin")
     comparison = compare_backends(prompt, parse_backends(backends), model=model_path, device=device, dtype=dtype,
                                   threads=threads, max_tokens=max_tokens, raw=raw)
     if as_json:
@@ -124,7 +95,7 @@ def bench(
         raise InfluenceError("--reference-python applies to --cli only")
     dtypes = dtypes or "float32"
     prompt_tokens = 128 if prompt_tokens is None else prompt_tokens
-    reference_model = _model_reference(model_path, model_name)
+    reference_model = model_reference(model_path, model_name)
     source = open_default_model() if reference_model is None else open_source(reference_model)
     if source.format == "gguf" and gguf is None:
         gguf = source.path

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from influence_core.defaults import DEFAULT_MODEL
+from influence_core.cli_options import ModelPathOption
 from influence_core.errors import InfluenceError
 from influence_core.hf_directory import hf_directory_for
 
@@ -21,9 +21,7 @@ def export_onnx(
     out: Annotated[Optional[Path], typer.Argument(
         help="The directory to write. Default: the store, where --backend onnx finds it "
              "(an export already there is reused unless --force).")] = None,
-    model_path: Annotated[Optional[Path], typer.Option(
-        "--model-path", "-p", help=f"A Hugging Face model directory or a .gguf file. Default: {DEFAULT_MODEL.title}.")
-    ] = None,
+    model_path: ModelPathOption = None,
     force: Annotated[bool, typer.Option("--force", help="Export again, replacing OUT or the stored export.")] = False,
 ) -> None:
     """Export a model to ONNX with optimum (task text-generation-with-past) and print where it went."""

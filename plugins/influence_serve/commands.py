@@ -15,7 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from influence_core.batching import DEFAULT_PREFILL_CHUNK
-from influence_core.cli import BackendOption, CompileOption, DeviceOption, DtypeOption, ThreadsOption
+from influence_core.cli_options import (BackendOption, BackendOptionsOption, DeviceOption, DtypeOption, ThreadsOption,
+                                        backend_options)
 from influence_core.defaults import DEFAULT_MODEL
 from influence_core.errors import InfluenceError
 
@@ -37,7 +38,7 @@ def serve(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     threads: ThreadsOption = None,
-    compiled: CompileOption = False,
+    backend_option: BackendOptionsOption = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoding together (KV cache slots).")] = 8,
@@ -73,13 +74,14 @@ def serve(
     from .server import ServerSettings
     from .server import serve as run_server
 
+    own_options = backend_options(backend_option)
     references: list[str | Path] = [*(model_names or []), *(model_paths or []), *_models_in(models_dir)]
     if len(references) > 1 and (name or use_ray):
         raise InfluenceError(f"{'--name' if name else '--ray'} serves one model; {len(references)} were given")
     if use_ray:
         _serve_with_ray(model_paths[0] if model_paths else None, model_names[0] if model_names else None, name,
                         dict(backend=backend, device=device, dtype=dtype, threads=threads, max_batch=max_batch,
-                             context_length=context_length), host, port, max_queue, replicas, autoscaling)
+                             context_length=context_length, backend_options=own_options), host, port, max_queue, replicas, autoscaling)
         return
     specs = []
     for reference in references or [None]:
@@ -90,7 +92,7 @@ def serve(
 
     def load_spec(spec: ModelSpec):
         return load(spec.reference, backend=backend, device=device, dtype=dtype, threads=threads,
-                    context_length=context_length, max_batch=max_batch, compiled=compiled)
+                    context_length=context_length, max_batch=max_batch, backend_options=own_options)
 
     router = ModelRouter(specs, load_spec, EngineSettings(max_queue=max_queue, prefill_chunk=prefill_chunk,
                                                           prefix_cache=prefix_cache), max_loaded=max_loaded)

@@ -101,6 +101,8 @@ def load(model: str | Path | ModelSource | None = None, *, backend: str = "torch
     declared = {} if engine.options_type is BackendOptions else {"backend_options": own_options}
     runner = call_plugin(registry, engine, f"backend {backend!r}", engine.load, source, architecture,
                          resolved_device, resolved_dtype, options, **declared)
+    if not hasattr(runner, "logits_device"):  # a runner written for hook spec 1.0 or 1.1 called it `device`
+        runner.logits_device = runner.device
     return Model(source, runner, backend=backend, device=resolved_device, dtype=resolved_dtype,
                  load_seconds=time.perf_counter() - started)
 
@@ -177,12 +179,12 @@ class Model:
         )
         params.validate()
         eos = tuple(sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
-        chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.device,
+        chain = build_chain(params.with_defaults(self.config.generation), get_registry(), self.runner.logits_device,
                             tokenizer=self.tokenizer, eos_token_ids=eos, vocab_size=self.config.vocab_size)
         prompt_ids = self.encode_prompt(prompt, raw=raw, system=system, tools=tools)
         limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         return Generation(self.tokenizer, prompt_ids, chain, limit, stop, eos,
-                          self.runner.context_length, self.runner.device, requested_at=requested_at,
+                          self.runner.context_length, self.runner.logits_device, requested_at=requested_at,
                           logprobs=logprobs)
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:

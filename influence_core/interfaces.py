@@ -137,7 +137,9 @@ class Runner(ABC):
     """
 
     context_length: int
-    device: str  # where logits live, as a torch device string ("cpu", "cuda:0", ...)
+    # Where the logits `forward` returns live, as a torch device string ("cpu", "cuda:0", ...): the
+    # sampler chain runs there. Not always where the model runs (ONNX Runtime hands logits to the host).
+    logits_device: str
     max_batch: int = 1  # cache slots, so sequences that can decode together
     # What the weights run as when it says more than the dtype: "int4 (from Q4_1); output head int8 ...".
     weight_format: str | None = None

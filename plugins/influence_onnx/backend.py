@@ -153,7 +153,7 @@ class OnnxRunner(Runner):
 
         self.session = session
         self.context_length = context_length
-        self.device = "cpu"  # logits are copied to host memory, where the sampler chain runs
+        self.logits_device = "cpu"  # ONNX Runtime copies logits to host memory, wherever the model runs
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         self.layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))

@@ -27,7 +27,7 @@ class TorchRunner(Runner):
         import torch
 
         self.model = model
-        self.device = device
+        self.device = self.logits_device = device
         self.context_length = fit_context_to_memory(context_length, max_batch * model.kv_bytes_per_position())
         self.max_batch = max_batch
         self.slot_lengths = [0] * max_batch  # positions written in each slot, for copy_slot

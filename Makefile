@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test fuzz clean
+.PHONY: setup demo test fuzz check-install clean
 
 EXAMPLE_PLUGINS := examples/influence-qwen2 examples/influence-mistral
 
@@ -33,6 +33,10 @@ test: setup
 FUZZ_EXAMPLES ?= 2000
 fuzz: setup
 	INFLUENCE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz_model_files.py
+
+# `pip install .` without extras into a fresh venv: generate works on a local model (.ci/minimal-install).
+check-install: setup
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" .ci/minimal-install
 
 clean:
 	rm -rf $(VENV)

@@ -6,7 +6,7 @@ things there that every plugin may use:
     exports/KIND/KEY/   derived artefacts (an ONNX export, a compiled step, a parsed header): each
                         a directory holding a manifest, influence.json, that names its ``source``
                         and the source's fingerprint, so it can be listed, found stale and pruned
-    timings.json        how long one-off steps took here, for the next estimate (`timed_step`)
+    timings.json        how long one-off steps took here, for the next estimate (`timed_build`)
     notices.json        the notices already shown once (plugins' overrides of built-ins)
 
 Small JSON files that several processes may edit at once (those, an index of names) are edited under
@@ -200,7 +200,7 @@ def _remember_rate(kind: str, seconds_per_unit: float) -> None:
 
 
 @contextlib.contextmanager
-def timed_step(description: str, kind: str, units: float, default_seconds_per_unit: float) -> Iterator[None]:
+def timed_build(description: str, kind: str, units: float, default_seconds_per_unit: float) -> Iterator[None]:
     """Say on stderr that ``description`` runs and about how long it takes; then how long it took.
 
     ``kind`` names the step for remembering its speed; ``units`` is its size (parameters, say), and

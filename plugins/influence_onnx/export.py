@@ -30,7 +30,7 @@ from influence_core.errors import ModelFormatError
 from influence_core.hf_directory import hf_directory_for
 from influence_core.interfaces import ModelSource
 from influence_core.artifacts import (MANIFEST, atomic_directory, exports_dir, fingerprint, read_manifest,
-                                      report_disk_use, timed_step)
+                                      report_disk_use, timed_build)
 from influence_core.tokenizer import Tokenizer
 
 MODEL_FILE = "model.onnx"
@@ -96,7 +96,7 @@ def _run_optimum(hf_directory: Path, output: Path) -> None:
 
     # The exporter's tracer warnings and logs mean nothing to a user; the progress line says what runs.
     # Anything it prints goes to stderr, so that stdout holds only the command's own output.
-    with timed_step(f"exporting {hf_directory.name} to ONNX with optimum", "onnx-export",
+    with timed_build(f"exporting {hf_directory.name} to ONNX with optimum", "onnx-export",
                     _parameters(hf_directory), SECONDS_PER_PARAMETER["export"]), \
             _quiet_logs("optimum", "transformers", "torch.onnx"), warnings.catch_warnings(), \
             contextlib.redirect_stdout(sys.stderr):
@@ -142,7 +142,7 @@ def model_file(export: Path, dtype: str) -> Path:
         print(f"influence: preparing the {dtype} graph in {target.parent} (once)", file=sys.stderr)
         # The quantizer logs advice on the root logger, the optimizer its progress on its own.
         with atomic_directory(target.parent) as partial, _quiet_logs("", "onnxruntime.transformers"), \
-                timed_step(f"preparing the {dtype} ONNX graph", f"onnx-{dtype}", _parameters(export),
+                timed_build(f"preparing the {dtype} ONNX graph", f"onnx-{dtype}", _parameters(export),
                            SECONDS_PER_PARAMETER[dtype]):
             DERIVE[dtype](base, partial / MODEL_FILE)
         report_disk_use(f"the {dtype} graph", target.parent)

@@ -170,7 +170,7 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
            label: str) -> None:
     from torch._inductor import aoti_compile_and_package
 
-    from influence_core.artifacts import atomic_directory, report_disk_use, timed_step
+    from influence_core.artifacts import atomic_directory, report_disk_use, timed_build
 
     directory = artifact_path(key)
     print(f"influence: compiling the decode step of {label} (once: later runs load it from {directory})",
@@ -179,7 +179,7 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
     example = (torch.zeros((2, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]], device=device),
                torch.arange(256, device=device), [part for cache in caches(2, 256) for part in cache])
     shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
-    with warnings.catch_warnings(), timed_step("compiling the decode step", f"compiled-{key['weight_format']}",
+    with warnings.catch_warnings(), timed_build("compiling the decode step", f"compiled-{key['weight_format']}",
                                                model.config.parameter_count(), SECONDS_PER_PARAMETER):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing a user can act on
         with torch.no_grad():

@@ -345,7 +345,7 @@ def _add_plugin_commands() -> None:
     if _plugin_commands_added:
         return
     _plugin_commands_added = True
-    from .plugins import CORE, call_each_implementation, record_command_overrides
+    from .plugins import CORE, call_each_implementation, record_commands
 
     providers = dict.fromkeys(_command_names(), CORE)
     counted = len(app.registered_commands), len(app.registered_groups)
@@ -354,7 +354,7 @@ def _add_plugin_commands() -> None:
         nonlocal counted
         added = _command_names(*counted)
         counted = len(app.registered_commands), len(app.registered_groups)
-        record_command_overrides(plugin_name, {name: providers[name] for name in added if name in providers})
+        record_commands(plugin_name, added, {name: providers[name] for name in added if name in providers})
         providers.update(dict.fromkeys(added, plugin_name))
 
     call_each_implementation("register_commands", cli=app, after=after)

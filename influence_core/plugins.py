@@ -381,12 +381,15 @@ def _overrides(registry: Registry, attribute: str) -> list[Override]:
     return found
 
 
-# Overrides of commands, which the CLI finds as plugins add them (`record_command_overrides`).
+# The commands each plugin added, and those replacing built-in ones, as the CLI finds them (`record_commands`).
+_commands: dict[str, list[str]] = {}
 _command_overrides: list[Override] = []
 
 
-def record_command_overrides(plugin_name: str, replaced: dict[str, str]) -> None:
-    """``plugin_name`` added commands named as the built-in ones in ``replaced`` (name -> provider)."""
+def record_commands(plugin_name: str, added: list[str], replaced: dict[str, str]) -> None:
+    """``plugin_name`` added the commands ``added``, some named as the built-in ones in ``replaced``
+    (name -> provider)."""
+    _commands.setdefault(plugin_name, []).extend(added)
     if plugin_name in builtin_plugins():
         return
     overrides = [Override("command", name, plugin_name, provider) for name, provider in replaced.items()
@@ -515,6 +518,7 @@ def list_plugins() -> list[PluginInfo]:
             for item in getattr(registry, attribute):
                 if registry.provided_by(item) == name:
                     provides.append(f"{attribute[:-1]}:{item.name}")
+        provides += [f"command:{command}" for command in _commands.get(name, [])]
         overrides = [f"{o.kind}:{o.name} (built-in, of {o.replaced})"
                      for o in [*registry.overrides, *_command_overrides] if o.plugin == name]
         backend_options = {backend.name: [spec.as_dict() for spec in backend.options_type.specs()]

@@ -145,6 +145,9 @@ def test_a_plugin_can_add_a_cli_command_and_a_broken_one_is_skipped(site):
     run = influence(site, "hello", "plugins")
     assert run.returncode == 0 and run.stdout == "hello plugins\n"
     assert "bad-command" in run.stderr and "no commands today" in run.stderr
+    listed = {plugin["name"]: plugin for plugin in json.loads(influence(site, "plugins", "--json").stdout)}
+    assert "command:hello" in listed["hello-command"]["provides"]
+    assert "command:serve" in listed["serve"]["provides"]  # ours are listed alike
 
 
 def test_a_plugin_for_other_hook_specs_is_refused_naming_both_versions(site):

@@ -190,6 +190,7 @@ class TorchBackend(Backend):
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch, tensor_parallel)
         from .compiled import artifact_path, load_step, prepare_step, step_key
         from .linear import float_weights_left_for_inductor, return_freed_memory
+        from .prebuilt import build_or_load
 
         # A compiled step is used when asked for (and built if missing), or whenever one was built
         # before (`influence prepare`); without one, every step runs eager.
@@ -197,7 +198,7 @@ class TorchBackend(Backend):
         compiled = bool(options.get("compile")) or (artifact_path(key) / "key.json").is_file()
         # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
-            model = architecture.build(source.config, source.weights(), device, dtype)
+            model = build_or_load(source, architecture, device, dtype)
         return_freed_memory()
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)
         runner.weight_format = model.weight_format

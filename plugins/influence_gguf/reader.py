@@ -62,9 +62,8 @@ MAX_TENSOR_DIMS = 4
 MIN_KV_BYTES = 13
 MIN_TENSOR_INFO_BYTES = 24
 SUPPORTED_VERSIONS = (2, 3)
-DEFAULT_ALIGNMENT = 32
 STRING, ARRAY, UINT32 = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY), int(gguf.GGUFValueType.UINT32)
-# The scalar value types by id, as little-endian numpy dtypes (the struct code reads one value).
+# The scalar value types by id, as little-endian numpy dtypes.
 SCALAR_TYPES = {int(value_type): np.dtype(dtype).newbyteorder("<")
                 for value_type, dtype in gguf.GGUFReader.gguf_scalar_to_np.items()}
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
@@ -214,7 +213,7 @@ class GGUFHeader:
         return offset, entries
 
     def _alignment(self) -> int:
-        value_type, alignment = self.fields.get("general.alignment", (UINT32, DEFAULT_ALIGNMENT))
+        value_type, alignment = self.fields.get("general.alignment", (UINT32, gguf.GGUF_DEFAULT_ALIGNMENT))
         if value_type != UINT32:
             raise GGUFLayoutError("general.alignment is not a uint32")
         if alignment == 0 or alignment & (alignment - 1):

@@ -4,6 +4,7 @@ another model's is rebuilt, never used."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,9 @@ import torch
 from model_file_fuzzing import write_gguf
 
 import influence_core as influence
+from influence_core.api import open_source
 from influence_core.artifacts import derived_artifacts
+from influence_core.config import GenerationDefaults
 from influence_torch import llama, prebuilt
 
 PROMPT_IDS = [1, 17, 250, 33, 98, 5, 77, 31, 12, 64, 200, 9]
@@ -67,6 +70,18 @@ def test_the_kept_model_is_loaded_instead_of_built_and_gives_the_same_logits(hom
             == built.generate("hello", max_tokens=8, temperature=0).token_ids)
     (kept,) = derived_artifacts()
     assert kept.kind == "built" and kept.current and kept.source == str(q4_gguf.resolve())
+
+
+def test_one_file_opened_with_two_configs_keeps_a_build_for_each(home, q4_gguf, builds, capsys):
+    # The bundled default model is opened with its converted copy's generation defaults, and the
+    # same GGUF by path without them: each finds its own build, neither replaces the other's.
+    plain = open_source(q4_gguf)
+    with_defaults = dataclasses.replace(plain, config=dataclasses.replace(
+        plain.config, generation=GenerationDefaults(temperature=0.6)))
+    for source in (plain, with_defaults, plain, with_defaults):
+        model = influence.load(source, device="cpu", dtype="int4")
+        assert model.runner.model.config == source.config
+    assert len(builds) == 2 and "not this model's" not in capsys.readouterr().err
 
 
 def test_only_quantized_ggufs_are_kept(home, q4_gguf, tiny_model):

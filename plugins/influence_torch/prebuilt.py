@@ -6,8 +6,8 @@ generate`; saved whole with `torch.save`, the built model loads memory-mapped in
 of a second. It is kept under ``INFLUENCE_HOME/exports/built/<key>/`` with the store's manifest
 naming the GGUF, so `influence models list` shows it and `influence models prune` removes it.
 
-The key names everything the built model depends on (the file, the weight format, torch, the
-CPU's instruction set and this plugin's code), so one saved for anything else is never found. It
+The key names everything the built model depends on (the file and the config read from it, the
+weight format, torch, the CPU's instruction set and this plugin's code), so one saved for anything else is never found. It
 is loaded with ``weights_only=True``, which builds nothing but tensors and the classes a built
 Llama is made of, and is used only if it is the model of this file's config; one that fails any of
 that is rebuilt, never trusted. Saving takes a file lock and writes into a temporary directory
@@ -16,6 +16,7 @@ that replaces the final one when complete, so two processes starting at once bui
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -83,8 +84,12 @@ def built_key(source: ModelSource, dtype: str) -> dict[str, str]:
     code = hashlib.sha256()
     for module in ("llama.py", "linear.py", "prebuilt.py"):
         code.update((Path(__file__).parent / module).read_bytes())
+    # The config as well as the file: opened as the bundled default, the same GGUF comes with the
+    # generation defaults of its converted copy, and the built model holds the config it was built from.
+    config = json.dumps(dataclasses.asdict(source.config), sort_keys=True, default=repr)
     return {
         "model": artifacts.fingerprint(source.path),
+        "config": hashlib.sha256(config.encode()).hexdigest()[:16],
         "weight_format": dtype,
         "torch": torch.__version__,
         "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}",
@@ -131,12 +136,12 @@ def save_built(model: Llama, key: dict[str, str], source: Path) -> None:
 
 
 def remove_stale(keep: dict[str, str]) -> None:
-    """Delete the models kept for this file and format under other keys (another torch, CPU or
-    plugin version): they can never be loaded again."""
+    """Delete the models kept for this file, config and format under other keys (another torch, CPU
+    or plugin version): they can never be loaded again."""
     for key_file in built_dir().glob(f"*/{KEY_FILE}"):
         try:
             other = json.loads(key_file.read_text(encoding="utf-8"))["key"]
-            same_target = all(other.get(field) == keep[field] for field in ("model", "weight_format"))
+            same_target = all(other.get(field) == keep[field] for field in ("model", "config", "weight_format"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if same_target and other != keep and artifacts.made_here(key_file.parent, built_dir()):

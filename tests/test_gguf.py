@@ -508,3 +508,104 @@ def test_conversion_shows_progress_and_disk_use(tiny_gguf, tmp_path):
                           timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert "converting weights" in done.stderr and "%" in done.stderr and "the converted model takes" in done.stderr
+
+
+# --- The header reader against gguf-py's ------------------------------------------------------
+
+
+def assert_reads_as_gguf_py_does(path: Path) -> None:
+    """Every metadata value (Python types included) and every tensor (type, shape, size, data)
+    as gguf-py's GGUFReader gives them."""
+    ours, theirs = reader.GGUFHeader(path), gguf.GGUFReader(path)
+    keys = [key for key in theirs.fields if not key.startswith("GGUF.")]
+    assert list(ours.fields) == keys
+    for key in keys:
+        expected, got = theirs.fields[key].contents(), ours.contents(key)
+        assert got == expected and type(got) is type(expected), key
+        if isinstance(expected, list):
+            assert [type(item) for item in got] == [type(item) for item in expected], key
+    assert ours.data_offset == theirs.data_offset and ours.alignment == theirs.alignment
+    assert [tensor.name for tensor in ours.tensors] == [tensor.name for tensor in theirs.tensors]
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.tensor_type, mine.shape, mine.n_bytes) == (tensor.tensor_type, tuple(tensor.shape.tolist()),
+                                                                tensor.n_bytes), mine.name
+        assert mine.data.dtype == tensor.data.dtype and np.array_equal(mine.data, tensor.data), mine.name
+
+
+def test_the_header_reads_as_gguf_py_reads_it(default_gguf, tiny_gguf, sentencepiece_gguf, tmp_path):
+    assert_reads_as_gguf_py_does(default_gguf)
+    assert_reads_as_gguf_py_does(tiny_gguf)
+    assert_reads_as_gguf_py_does(sentencepiece_gguf)
+    writer = gguf.GGUFWriter(tmp_path / "every_type.gguf", "llama")
+    writer.add_uint32("general.alignment", 64)
+    for name, value_type, value in [("u8", gguf.GGUFValueType.UINT8, 200), ("i8", gguf.GGUFValueType.INT8, -5),
+                                    ("u16", gguf.GGUFValueType.UINT16, 60000), ("i16", gguf.GGUFValueType.INT16, -3),
+                                    ("i32", gguf.GGUFValueType.INT32, -7), ("u64", gguf.GGUFValueType.UINT64, 2**63),
+                                    ("i64", gguf.GGUFValueType.INT64, -2**40), ("f64", gguf.GGUFValueType.FLOAT64, 0.1),
+                                    ("f32", gguf.GGUFValueType.FLOAT32, float("nan")),
+                                    ("flag", gguf.GGUFValueType.BOOL, True)]:
+        writer.add_key_value(f"test.{name}", value, value_type)
+    writer.add_array("test.floats", [0.5, -1.25])
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.flags", [True, False])
+    writer.add_array("test.texts", ["", "ünï", "a b"])
+    writer.add_string("test.empty", "")
+    rng = np.random.default_rng(0)
+    writer.add_tensor("a.weight", rng.standard_normal((3, 64), dtype=np.float32))
+    writer.add_tensor("b.weight", rng.standard_normal((5, 32)).astype(np.float16))
+    writer.add_tensor("c.weight", gguf.quants.quantize(rng.standard_normal((4, 64), dtype=np.float32),
+                                                       gguf.GGMLQuantizationType.Q8_0),
+                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = tmp_path / "every_type.gguf"
+    # NaN is not equal to itself: compare that one apart.
+    header = reader.GGUFHeader(path)
+    assert math.isnan(header.contents("test.f32")) and math.isnan(gguf.GGUFReader(path).fields["test.f32"].contents())
+    assert header.alignment == 64
+    data = bytearray(path.read_bytes())
+    nan_at = data.index(b"test.f32") + len("test.f32") + 4
+    data[nan_at:nan_at + 4] = np.float32(1.5).tobytes()
+    path.write_bytes(bytes(data))
+    assert_reads_as_gguf_py_does(path)
+
+
+def header_with(fields: list[tuple[str, int, bytes]], version: int = 3, tensor_count: int = 0) -> bytes:
+    """A GGUF header of raw metadata entries (key, value type, encoded value)."""
+    def string(text: str) -> bytes:
+        return len(text.encode()).to_bytes(8, "little") + text.encode()
+
+    entries = b"".join(string(key) + value_type.to_bytes(4, "little") + value for key, value_type, value in fields)
+    return (b"GGUF" + version.to_bytes(4, "little") + tensor_count.to_bytes(8, "little")
+            + len(fields).to_bytes(8, "little") + entries + bytes(64))
+
+
+@pytest.mark.parametrize(("fields", "version", "message"), [
+    ([], 1, "GGUF version 1 \\(supported: 2, 3\\)"),
+    ([], 3 << 24, "big-endian GGUF"),
+    ([("a", 4, bytes(4)), ("a", 4, bytes(4))], 3, "the metadata key 'a' appears twice"),
+    ([("a", 99, bytes(4))], 3, "the metadata value 'a' has the unknown type 99"),
+    ([("a", 8, (2**40).to_bytes(8, "little"))], 3, "the string at byte 37 claims 1099511627776 bytes"),
+    ([("general.alignment", 10, (64).to_bytes(8, "little"))], 3, "general.alignment is not a uint32"),
+    ([("general.alignment", 4, (48).to_bytes(4, "little"))], 3, "general.alignment is 48, not a power of two"),
+    ([("a", 9, (8).to_bytes(4, "little") + (3).to_bytes(8, "little") + (1).to_bytes(8, "little") + b"x"
+       + (2**30).to_bytes(8, "little"))], 3, "the string at byte 58 runs past the end of the file"),
+])
+def test_malformed_headers_are_refused_by_name(tmp_path, fields, version, message):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(header_with(fields, version))
+    with pytest.raises(ModelFormatError, match=message) as refused:
+        open_source(path)
+    assert "\n" not in str(refused.value)
+
+
+def test_q8_0_dequantizes_as_gguf_py_does():
+    rng = np.random.default_rng(0)
+    for shape in [(7, 64), (2, 3, 96), (32,)]:
+        blocks = gguf.quants.quantize(rng.standard_normal(shape, dtype=np.float32) * 3,
+                                      gguf.GGMLQuantizationType.Q8_0)
+        expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+        got = reader.dequantize_q8_0(blocks)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and np.array_equal(got, expected)

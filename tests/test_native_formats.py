@@ -21,6 +21,12 @@ from influence_torch.linear import Int4Linear, Int8Linear, file_int4_groups
 PROMPT_IDS = [1, 17, 250, 33, 98, 5, 77, 310, 12, 64, 200, 9]
 
 
+@pytest.fixture(autouse=True)
+def own_store(tmp_path_factory, monkeypatch):
+    """Quantized GGUFs leave their built models in the store: this module's, not the user's."""
+    monkeypatch.setenv("INFLUENCE_HOME", str(tmp_path_factory.getbasetemp() / "native-formats-home"))
+
+
 @pytest.fixture(scope="module")
 def k_quant_sized_model(tmp_path_factory):
     # Rows of 256 values, as K-quant blocks need.

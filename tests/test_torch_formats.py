@@ -8,6 +8,7 @@ from torch import nn
 
 import influence_core as influence
 from influence_core import BackendError
+from influence_torch import linear as linear_module
 from influence_torch.linear import Int4Linear, Int8Linear, PackedLinear, convert_linear
 
 
@@ -64,6 +65,23 @@ def test_int4_keeps_q4_1_weights_as_they_are():
     layer = Int4Linear.from_linear(linear)
     dequantized = layer(torch.eye(96).bfloat16()).float().t().reshape(48, 3, 32)
     assert ((dequantized - linear.weight.detach().reshape(48, 3, 32)).abs() < 0.25 * d).all()
+
+
+@pytest.mark.parametrize("rows", [64, 960, 3072, 16, 48, 80])
+def test_int4_codes_are_packed_as_torchs_converter_packs_them(rows):
+    codes = torch.randint(0, 16, (rows, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
+    expected = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(linear_module._pack_int4_codes(codes), expected)
+    assert torch.equal(linear_module._pack_int4_codes(codes.to(torch.uint8)), expected)
+
+
+def test_int8_rounding_leaves_the_float_weight_untouched(linear):
+    weight = linear.weight.detach().clone()
+    codes, scale = linear_module._int8_rows(linear.weight.detach())
+    assert torch.equal(linear.weight.detach(), weight)
+    expected_scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    assert torch.equal(scale, expected_scale.to(torch.bfloat16))
+    assert torch.equal(codes, torch.round(weight / expected_scale[:, None]).clamp(-128, 127).to(torch.int8))
 
 
 def test_int4_keeps_the_output_head_at_int8(tiny_model):

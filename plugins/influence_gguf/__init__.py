@@ -1,9 +1,10 @@
-"""Plugin ``gguf``: loads llama.cpp's single-file GGUF models through gguf-py.
+"""Plugin ``gguf``: loads llama.cpp's single-file GGUF models.
 
-The config comes from the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*``, and the
-weights stay in the file's memory map until the architecture asks for them; each is then
-dequantized to float32 and handed over under its Hugging Face name, so the torch Llama runs a GGUF
-exactly as it runs a safetensors checkpoint.
+The header is read directly from the file's memory map (`reader.GGUFHeader`); the config comes from
+the ``llama.*`` metadata, the tokenizer from ``tokenizer.ggml.*``, and the weights stay in the map
+until the architecture asks for them; each is then dequantized to float32 (with gguf-py's
+dequantization) and handed over under its Hugging Face name, so the torch Llama runs a GGUF exactly
+as it runs a safetensors checkpoint. Quantized formats may take a tensor's blocks as stored instead.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def load_gguf(path: Path) -> ModelSource:
-    # gguf-py brings numpy; import it only when a GGUF is actually opened.
+    # The reader brings numpy and gguf-py; import them only when a GGUF is actually opened.
     from .reader import GGUFFile, GGUFWeights, read_config
     from .tokenizer import read_tokenizer
 

@@ -206,6 +206,7 @@ class TorchBackend(Backend):
                                         backend_options.tensor_parallel)
         from .compiled import artifact_path, load_step, prepare_step, step_key
         from .linear import float_weights_left_for_inductor, return_freed_memory
+        from .prebuilt import build_or_load
 
         # A compiled step is used when asked for (and built if missing), or whenever one was built
         # before (`influence prepare`); without one, every step runs eager.
@@ -213,7 +214,7 @@ class TorchBackend(Backend):
         compiled = backend_options.compiled or (artifact_path(key) / "key.json").is_file()
         # The eager model runs prefill; for float formats a compiled step packs the weights itself.
         with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
-            model = architecture.build(source.config, source.weights(), device, dtype)
+            model = build_or_load(source, architecture, device, dtype)
         return_freed_memory()
         check_causal_lm(model, architecture)
         runner = TorchRunner(model, device, context_length, max_batch=max_batch)

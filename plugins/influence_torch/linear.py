@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 
@@ -87,7 +88,8 @@ def _in_row_blocks(rows: int, convert: Callable[[slice], tuple[torch.Tensor, ...
     blocks = []
     for start in range(0, rows, rows_per_block):
         blocks.append(convert(slice(start, start + rows_per_block)))
-        return_freed_memory()
+        if rows > rows_per_block:
+            return_freed_memory()
     return [torch.cat(parts) for parts in zip(*blocks)]
 
 
@@ -96,8 +98,10 @@ def _by_row_blocks(weight: torch.Tensor, quantize) -> list[torch.Tensor]:
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-10)
-    return torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8), scale.to(torch.bfloat16)
+    # The largest magnitude in one pass, and rounding in place in the one temporary: a quarter
+    # less time for the default model's 49k-row output head than abs/amax and fresh tensors.
+    scale = (torch.linalg.vector_norm(weight, float("inf"), dim=1) / 127).clamp_(min=1e-10)
+    return (weight / scale[:, None]).round_().clamp_(-128, 127).to(torch.int8), scale.to(torch.bfloat16)
 
 
 def _int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +116,41 @@ def _int4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's layout for codes 0..15 [rows, columns] and a scale and zero [rows, groups]."""
-    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    return packed, torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+    return _pack_int4_codes(codes), torch.stack([scale, zero], dim=-1).to(torch.bfloat16)
+
+
+# Rows the int4 kernel packs together on CPU: per block of 64 rows and per column, 32 bytes, row r
+# of the block in the low nibble of byte r and row r + 32 in its high nibble.
+INT4_PACK_ROWS = 64
+
+
+def _pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 [rows, columns] packed for `_weight_int4pack_mm_for_cpu`.
+
+    torch's converter takes the codes as int32 (four times their bytes): widening and converting
+    them took a third of the time to build the default model's int4 layers, where shifting the
+    uint8 codes into place takes a fraction of it. Rows in blocks of 64 are packed here when this
+    torch on this CPU lays them out as above (checked once against the converter); anything else
+    is left to the converter.
+    """
+    rows, columns = codes.shape
+    if rows % INT4_PACK_ROWS or not _packs_like_torch():
+        return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return _pack_int4_blocks(codes.to(torch.uint8))
+
+
+def _pack_int4_blocks(codes: torch.Tensor) -> torch.Tensor:
+    rows, columns = codes.shape
+    blocks = codes.reshape(rows // INT4_PACK_ROWS, 2, INT4_PACK_ROWS // 2, columns)
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).reshape(rows, columns // 2)
+
+
+@functools.cache
+def _packs_like_torch() -> bool:
+    probe = torch.randint(0, 16, (2 * INT4_PACK_ROWS, 2 * INT4_GROUP_SIZE), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(0))
+    expected = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return expected.dtype == torch.uint8 and torch.equal(_pack_int4_blocks(probe.to(torch.uint8)), expected)
 
 
 def _float16(raw: torch.Tensor) -> torch.Tensor:

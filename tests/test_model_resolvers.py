@@ -78,9 +78,9 @@ def test_the_default_is_asked_for_a_quantized_file_first_and_again_for_a_float_f
 
 
 def test_completion_lists_the_resolvers_names(demo):
-    from influence_core.cli import _complete_model_names
+    from influence_core.cli_options import complete_model_names
 
-    assert _complete_model_names("demo:tied") == ["demo:tied_linear_rope"]
+    assert complete_model_names("demo:tied") == ["demo:tied_linear_rope"]
 
 
 def test_a_resolver_that_breaks_is_named(capsys, plugin, hub):

@@ -18,7 +18,7 @@ import typer
 from . import __version__
 from .cli_options import (BackendOption, BackendOptionsOption, DeviceOption, DtypeOption, MaxTokensOption,
                           ModelOption, ModelPathOption, ThreadsOption, backend_options, model_reference, utf8)
-from .defaults import DEFAULT_MODEL
+from .defaults import DEFAULT_KEEP_ALIVE_S, DEFAULT_MODEL, KEEP_ALIVE_ENV
 from .errors import InfluenceError
 from .sampling import MAX_SEED
 
@@ -139,6 +139,10 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="With --prompts-file: most prompts decoding together.")] = 8,
+    keep_alive: Annotated[float, typer.Option(
+        min=0, envvar=KEEP_ALIVE_ENV, metavar="SECONDS",
+        help="Keep the model loaded in a background process this long after the run, so that later runs with "
+             "the same model and options start fast; 0 = never (docs/defaults.md).")] = DEFAULT_KEEP_ALIVE_S,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
@@ -154,8 +158,24 @@ def generate(
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = utf8(sys.stdin.buffer.read(), "stdin")
-    model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
-    stream = model.stream(prompt, **options)
+    from . import resident
+
+    spec = resident.Spec.of(model_reference(model_path, model_name), backend, device, dtype, threads,
+                            backend_options(backend_option))
+    served = resident.stream(spec, prompt, options, keep_alive) if keep_alive > 0 else None
+    if served is not None:
+        _print_generation(*served, no_stream=no_stream, as_json=as_json, stats=stats)
+        return
+    model = spec.load()
+    _print_generation(model.stream(prompt, **options), resident.model_facts(model), no_stream=no_stream,
+                      as_json=as_json, stats=stats)
+    if keep_alive > 0 and model.load_seconds >= resident.MIN_LOAD_S:
+        resident.start(spec, keep_alive, announce=sys.stderr.isatty())
+
+
+def _print_generation(stream, facts: dict, *, no_stream: bool, as_json: bool, stats: bool) -> None:
+    """Print a generation as it streams (``stream``: in-process or in a resident model), then its
+    result: the text's end, or one JSON object, and --stats."""
     streaming = not (no_stream or as_json)
     for piece in stream:
         if streaming:
@@ -163,18 +183,15 @@ def generate(
             sys.stdout.flush()
     result = stream.result
     if as_json:
-        print(json.dumps({
-            "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-            "seed": result.seed, "backend": model.backend, "device": model.device, "dtype": model.dtype,
-            "weight_format": model.weight_format, "model": str(model.source.path),
-            "load_s": round(model.load_seconds, 6), "settings": result.settings, **result.stats.as_dict(),
-        }, ensure_ascii=False))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "seed": result.seed, **facts, "settings": result.settings, **result.stats.as_dict()},
+                         ensure_ascii=False))
         return
     if not streaming:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     if stats:
-        _print_stats(result, model)
+        _print_stats(result, facts)
 
 
 def _constraint(output_format: Optional[str], json_schema: Optional[Path], grammar: Optional[Path],
@@ -220,12 +237,13 @@ def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, 
                           **result.stats.as_dict()}, ensure_ascii=False))
 
 
-def _print_stats(result, model) -> None:
+def _print_stats(result, facts: dict) -> None:
     s = result.stats
     print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
           f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
           f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
-          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.weight_format}", file=sys.stderr)
+          f"finish: {result.finish_reason} | {facts['backend']} {facts['device']} {facts['weight_format']}",
+          file=sys.stderr)
     ran = ", ".join(f"{key} {value}" for key, value in result.settings.items() if value is not None)
     print(f"settings: {ran}", file=sys.stderr)
 
@@ -277,7 +295,10 @@ def chat(
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed)
     options.update(_model_settings(ctx, model_reference(model_path, model_name)))
-    run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, model)) if stats else None)
+    from .resident import model_facts
+
+    facts = model_facts(model)
+    run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, facts)) if stats else None)
 
 
 @app.command()

@@ -327,6 +327,65 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     Console().print(table, *([options] if options.rows else []))
 
 
+@app.command()
+def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the resident models (kept loaded after `influence generate`; see `influence stop`)."""
+    import time
+
+    from .resident import memory_rss, residents
+
+    now, rows = time.time(), []
+    for state in residents():
+        idle = now - state["last_used"]
+        rows.append({"key": state["key"], "model": state["model"], "model_path": state.get("model_path"),
+                     "backend": state["backend"], "device": state["device"], "dtype": state["dtype"],
+                     "loaded": state["loaded"], "pid": state["pid"], "rss_bytes": memory_rss(state["pid"]),
+                     "idle_s": round(idle, 1), "expires_in_s": round(max(0.0, state["keep_alive"] - idle), 1)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no resident models")
+        return
+    from .artifacts import format_size
+
+    table = [("KEY", "MODEL", "BACKEND", "DEVICE", "DTYPE", "MEMORY", "IDLE", "EXPIRES IN")] + [
+        (row["key"], row["model"], row["backend"], row["device"], row["dtype"] if row["loaded"] else "(loading)",
+         format_size(row["rss_bytes"]) if row["rss_bytes"] is not None else "-", f"{row['idle_s']:.0f} s",
+         f"{row['expires_in_s']:.0f} s") for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+@app.command()
+def stop(
+    which: Annotated[Optional[str], typer.Argument(
+        metavar="[KEY|MODEL]", help="A resident's key (or its start) or model, as `influence ps` shows them.")] = None,
+    stop_all: Annotated[bool, typer.Option("--all", help="Stop every resident model.")] = False,
+) -> None:
+    """Stop resident models, freeing their memory (later runs load in-process again)."""
+    from .resident import residents, stop_resident
+
+    if (which is None) == (not stop_all):
+        raise InfluenceError("give a KEY or MODEL from `influence ps`, or --all")
+    running = residents()
+    if which is not None and Path(which).expanduser().exists():  # a model path, as -p took it
+        which = str(Path(which).expanduser().resolve())
+    chosen = running if stop_all else [state for state in running if state["key"].startswith(which)
+                                       or which in (state["model"], state.get("model_path"))]
+    if not chosen:
+        print("no resident model is running" if stop_all or not running
+              else f"no resident model matches {which!r} (see `influence ps`)")
+        if not stop_all:
+            raise typer.Exit(1)
+        return
+    for state in chosen:
+        stop_resident(state)
+    names = ", ".join(sorted({state["model"] for state in chosen}))
+    print(f"stopped {len(chosen)} resident model{'s' if len(chosen) > 1 else ''} ({names})")
+
+
 from .config_cli import config_app  # noqa: E402  (defined beside its helpers; no heavy imports)
 
 app.add_typer(config_app, name="config")

@@ -94,8 +94,12 @@ class Spec:
 
     @property
     def label(self) -> str:
-        """The model as `influence ps` shows it."""
-        return self.reference if self.reference is not None else "(default model)"
+        """The model as `influence ps` shows it: the path or name, or the default model's name."""
+        if self.reference is not None:
+            return self.reference
+        from .plugins import get_registry
+
+        return get_registry().default_model_name() or "(default model)"
 
     def load(self):
         from .api import load

@@ -169,7 +169,7 @@ def generate(
     model = spec.load()
     _print_generation(model.stream(prompt, **options), resident.model_facts(model), no_stream=no_stream,
                       as_json=as_json, stats=stats)
-    if keep_alive > 0 and model.load_seconds >= resident.MIN_LOAD_S:
+    if keep_alive > 0 and resident.worth_keeping(model):
         resident.start(spec, keep_alive, announce=sys.stderr.isatty())
 
 

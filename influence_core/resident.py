@@ -1,8 +1,8 @@
 """Resident models: a loaded model kept in a background process, so that later `influence generate`
 runs skip importing torch and loading the weights (as Ollama keeps its models).
 
-A plain `influence generate` that loaded its model in-process (for at least `MIN_LOAD_S`) starts a
-resident for it afterwards: a detached process that loads the same model with the same options and
+A plain `influence generate` that loaded a model in-process (one of at least `MIN_MODEL_BYTES`)
+starts a resident for it afterwards: a detached process that loads the same model with the same options and
 answers on a Unix socket, INFLUENCE_HOME/run/KEY.sock. KEY (`Spec.key`) hashes everything that
 changes the loaded model, so a run with other load options never reaches it. A later run with the
 same KEY connects, checks that the model's files are those the resident loaded (`fingerprint`),
@@ -32,8 +32,9 @@ from typing import Any, Iterator, Optional
 
 from .defaults import DEFAULT_KEEP_ALIVE_S
 
-# A model that loads faster than this is not worth keeping: tiny test models never linger.
-MIN_LOAD_S = 1.0
+# A model smaller than this is not kept: tiny test models never linger. (Not its load time: that
+# counts importing torch, about a second, so a tiny model's crosses any useful bound on a busy machine.)
+MIN_MODEL_BYTES = 32 << 20
 MAX_RESIDENTS = 2
 # How often an idle resident checks its socket file and its expiry.
 CHECK_S = 2.0
@@ -107,6 +108,13 @@ class Spec:
         reference = Path(self.reference) if self.reference_is_path else self.reference
         return load(reference, backend=self.backend, device=self.device, dtype=self.dtype, threads=self.threads,
                     backend_options=self.backend_options)
+
+
+def worth_keeping(model) -> bool:
+    """Whether a loaded model is big enough to keep resident (`MIN_MODEL_BYTES`)."""
+    path = Path(model.source.path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(file.stat().st_size for file in files) >= MIN_MODEL_BYTES
 
 
 def keep_alive_text(seconds: float) -> str:

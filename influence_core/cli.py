@@ -151,6 +151,8 @@ def generate(
                    response_format=_constraint(output_format, json_schema, grammar, regex))
     options.update(_model_settings(ctx, model_reference(model_path, model_name)))
     if prompts_file is not None:
+        if ctx.get_parameter_source("keep_alive").name == "COMMANDLINE":
+            raise InfluenceError("--keep-alive keeps a single prompt's model loaded, not --prompts-file's")
         _generate_batch(prompts_file, model_reference(model_path, model_name), backend, device, dtype, threads,
                         max_batch, backend_options(backend_option), options)
         return

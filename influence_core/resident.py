@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import sys
 import time
@@ -155,8 +156,11 @@ class _Connection:
 def _connect(key: str, timeout: Optional[float] = None) -> Optional[tuple[_Connection, dict[str, Any]]]:
     """A connection to KEY's resident and its hello (once it has loaded and is free), or None."""
     path = run_dir() / f"{key}.sock"
-    if not path.exists():
-        return None
+    while not path.exists():  # a resident just started binds its socket once Python is up
+        state = _read_state(key)
+        if state is None or state["loaded"] or not _alive(state):
+            return None
+        time.sleep(0.05)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
@@ -166,23 +170,18 @@ def _connect(key: str, timeout: Optional[float] = None) -> Optional[tuple[_Conne
     connection = _Connection(sock)
     waited_until = None if timeout is None else time.monotonic() + timeout
     # A resident still loading, or serving another client, answers later: wait while it lives.
-    sock.settimeout(0.5)
-    while True:
-        try:
-            hello = connection.receive()
-            break
-        except socket.timeout:
-            state = _read_state(key)
-            if state is None or not _alive(state) or (waited_until is not None and time.monotonic() > waited_until):
-                connection.close()
-                return None
-        except (OSError, ValueError):
+    while not select.select([sock], [], [], 0.5)[0]:
+        state = _read_state(key)
+        if state is None or not _alive(state) or (waited_until is not None and time.monotonic() > waited_until):
             connection.close()
             return None
+    try:
+        hello = connection.receive()
+    except (OSError, ValueError):
+        hello = None
     if hello is None:
         connection.close()
         return None
-    sock.settimeout(None)
     return connection, hello
 
 
@@ -230,7 +229,7 @@ def stream(spec: Spec, prompt: str, options: dict[str, Any],
     load_s 0: this run loaded nothing), or None where there is no usable resident."""
     from .artifacts import fingerprint
 
-    if not any(run_dir().glob("*.sock")):  # the common case without residents: no key to compute
+    if not any(run_dir().glob("*.json")):  # the common case without residents: no key to compute
         return None
     connected = _connect(spec.key)
     if connected is None:
@@ -277,6 +276,7 @@ def start(spec: Spec, keep_alive: float, *, announce: bool = False) -> None:
     for state in residents():
         if state["key"] == key:
             stop_resident(state)
+    (directory / f"{key}.sock").unlink(missing_ok=True)  # one no process answers on (its resident was killed)
     others = sorted(residents(), key=lambda state: state["last_used"])
     for state in others[:max(0, len(others) - MAX_RESIDENTS + 1)]:
         stop_resident(state)
@@ -286,9 +286,16 @@ def start(spec: Spec, keep_alive: float, *, announce: bool = False) -> None:
             environment[variable] = str(Path(environment[variable]).expanduser().resolve())
     arguments = json.dumps({"spec": asdict(spec), "key": key, "keep_alive": keep_alive})
     with open(directory / f"{key}.log", "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "influence_core.resident", arguments], stdin=subprocess.DEVNULL,
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=directory,
-                         env=environment)
+        process = subprocess.Popen([sys.executable, "-m", "influence_core.resident", arguments],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=directory, env=environment)
+    # Written here, before its socket exists: whoever finds the socket knows whom to wait for; once
+    # the process runs its command, by which `_alive` knows it (Popen may return a moment before).
+    state = _loading_state(spec, key, process.pid, keep_alive)
+    deadline = time.monotonic() + 2
+    while not _alive(state) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    _write_state(state)
     if announce:
         print(ANNOUNCEMENT.format(minutes=keep_alive_text(keep_alive)), file=sys.stderr)
 
@@ -357,6 +364,20 @@ def memory_rss(pid: int) -> Optional[int]:
         return None
 
 
+def _loading_state(spec: Spec, key: str, pid: int, keep_alive: float) -> dict[str, Any]:
+    now = time.time()
+    return {"key": key, "pid": pid, "model": spec.label, "backend": spec.backend, "device": spec.device,
+            "dtype": spec.dtype, "keep_alive": keep_alive, "started": now, "last_used": now, "loaded": False}
+
+
+def _write_state(state: dict[str, Any]) -> dict[str, Any]:
+    path = run_dir() / f"{state['key']}.json"
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_text(json.dumps(state), encoding="utf-8")
+    partial.replace(path)
+    return state
+
+
 def _read_state(key: str) -> Optional[dict[str, Any]]:
     try:
         return json.loads((run_dir() / f"{key}.json").read_text(encoding="utf-8"))
@@ -381,9 +402,9 @@ def _alive(state: dict[str, Any]) -> bool:
         return True
 
 
-def _remove_files(key: str, inode: Optional[int] = None) -> None:
-    """KEY's socket, state and log; with ``inode``, the socket only if it is still that one (a
-    replacement resident may have bound the name since)."""
+def _remove_files(key: str, inode: Optional[int] = None, keep_log: bool = False) -> None:
+    """KEY's socket, state and log (``keep_log``: not the log, which says why a resident failed);
+    with ``inode``, the socket only if it is still that one (a replacement may have bound the name since)."""
     directory = run_dir()
     socket_path = directory / f"{key}.sock"
     try:
@@ -391,7 +412,7 @@ def _remove_files(key: str, inode: Optional[int] = None) -> None:
             socket_path.unlink()
     except OSError:
         pass
-    for suffix in (".json", ".log"):
+    for suffix in (".json",) if keep_log else (".json", ".log"):
         try:
             (directory / f"{key}{suffix}").unlink()
         except OSError:
@@ -400,8 +421,8 @@ def _remove_files(key: str, inode: Optional[int] = None) -> None:
 
 # --- the resident process ----------------------------------------------------------------------
 
-class _Stopped(Exception):
-    """SIGTERM, or a client's stop request."""
+class _Stopped(BaseException):
+    """SIGTERM: a BaseException, so that a generation's error handling does not take it for a failure."""
 
 
 def serve(spec: Spec, key: str, keep_alive: float) -> None:
@@ -414,7 +435,10 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     directory = run_dir()
-    socket_path, state_path = directory / f"{key}.sock", directory / f"{key}.json"
+    socket_path = directory / f"{key}.sock"
+    state = _read_state(key)  # as `start` wrote it, if it was first
+    if state is None or state["pid"] != os.getpid():
+        state = _write_state(_loading_state(spec, key, os.getpid(), keep_alive))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     previous_umask = os.umask(0o177)  # the socket file is the owner's only (0600)
     try:
@@ -423,16 +447,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
         os.umask(previous_umask)
     inode = os.stat(socket_path).st_ino
     listener.listen(16)
-    state = {"key": key, "pid": os.getpid(), "model": spec.label, "backend": spec.backend, "device": spec.device,
-             "dtype": spec.dtype, "keep_alive": keep_alive, "started": time.time(), "last_used": time.time(),
-             "loaded": False}
-
-    def write_state() -> None:
-        partial = state_path.with_name(f".{state_path.name}.partial")
-        partial.write_text(json.dumps(state), encoding="utf-8")
-        partial.replace(state_path)
-
-    write_state()
+    failed = True
     try:
         model = spec.load()
         from .artifacts import fingerprint
@@ -441,27 +456,29 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
         hello = {"facts": facts, "fingerprint": fingerprint(model.source.path), "pid": os.getpid()}
         state.update(loaded=True, backend=facts["backend"], device=facts["device"], dtype=facts["dtype"],
                      weight_format=facts["weight_format"], model_path=facts["model"], last_used=time.time())
-        write_state()
+        _write_state(state)
         listener.settimeout(CHECK_S)
         while True:
             try:
                 sock, _ = listener.accept()
             except socket.timeout:
                 if not _socket_is_ours(socket_path, inode) or time.time() - state["last_used"] > state["keep_alive"]:
+                    failed = False
                     return
                 continue
             with sock:
                 outcome = _answer(model, _Connection(sock), hello)
             if outcome == "stop":
+                failed = False
                 return
             if outcome is not None:
                 state.update(last_used=time.time(), keep_alive=outcome)
-                write_state()
+                _write_state(state)
     except _Stopped:
-        return
+        failed = False
     finally:
         listener.close()
-        _remove_files(key, inode)
+        _remove_files(key, inode, keep_log=failed)
 
 
 def _socket_is_ours(path: Path, inode: int) -> bool:

@@ -173,6 +173,14 @@ def on_a_terminal(*args: str) -> str:
         os.close(leader)
 
 
+def test_a_run_waits_for_a_resident_still_loading(home, tiny_model):
+    spec = tiny_spec(tiny_model)
+    resident.start(spec, 300)
+    assert resident._read_state(spec.key)["loaded"] is False  # known before its socket exists
+    done = cli("-p", str(tiny_model), *TINY, "--raw", "--max-tokens", "4", "--json", "hi")
+    assert done.returncode == 0 and json.loads(done.stdout)["load_s"] == 0.0, done.stderr
+
+
 def test_idle_timeout_ends_it(home, tiny_model):
     state = start_and_wait(tiny_spec(tiny_model), keep_alive=1)
     assert wait_until(lambda: not resident._alive(state), 30)

@@ -433,13 +433,9 @@ class ProcessCase:
     command: list[str]
     reference: bool = False
     environment: dict[str, str] = field(default_factory=dict)  # set for this process, over the caller's
-    # A resident model's case: the first warm-up loads in-process and starts the resident, the
-    # second waits for it to load; every timed run must then be served by it (load_s 0).
+    # A resident model's case: its warm-up loads in-process and starts the resident, which is then
+    # waited for (`wait_for_resident`); every timed run must be served by it (load_s 0).
     resident: bool = False
-
-    @property
-    def warm_ups(self) -> int:
-        return 2 if self.resident else 1
 
 
 @dataclass
@@ -512,6 +508,20 @@ def run_process(case: ProcessCase, timeout_s: float = 1800, warm_up: bool = Fals
                       generated_tokens=printed["generated_tokens"], weight_format=printed.get("weight_format"))
 
 
+def wait_for_resident(since: float, timeout_s: float = 600) -> None:
+    """Until a resident model started after ``since`` has loaded (none starts for a small model)."""
+    from influence_core.resident import residents, wait_ready
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = [state for state in residents() if state["started"] >= since]
+        if not started:
+            return
+        if wait_ready(started[0]["key"], max(0.0, deadline - time.monotonic())):
+            return
+    raise RuntimeError(f"the resident model did not load within {timeout_s:.0f} s")
+
+
 def _wait_with_timeout(process: subprocess.Popen, timeout_s: float):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -537,8 +547,10 @@ def measure_processes(cases: list[ProcessCase], repetitions: int,
                 continue
             progress(f"{'warm-up' if round_number == 0 else f'round {round_number}/{repetitions}'}: {case.label}")
             try:
-                for _ in range(case.warm_ups if round_number == 0 else 1):
-                    run = run_process(case, warm_up=round_number == 0)
+                started = time.time()
+                run = run_process(case, warm_up=round_number == 0)
+                if case.resident and round_number == 0:
+                    wait_for_resident(started)
             except RuntimeError as error:
                 errors[case.label] = str(error)
                 continue

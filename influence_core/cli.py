@@ -168,7 +168,7 @@ def generate(
     if served is not None:
         _print_generation(*served, no_stream=no_stream, as_json=as_json, stats=stats)
         return
-    model = spec.load()
+    model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
     _print_generation(model.stream(prompt, **options), resident.model_facts(model), no_stream=no_stream,
                       as_json=as_json, stats=stats)
     if keep_alive > 0 and resident.worth_keeping(model):

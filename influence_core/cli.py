@@ -18,7 +18,7 @@ import typer
 from . import __version__
 from .cli_options import (BackendOption, BackendOptionsOption, DeviceOption, DtypeOption, MaxTokensOption,
                           ModelOption, ModelPathOption, ThreadsOption, backend_options, model_reference, utf8)
-from .defaults import DEFAULT_MODEL
+from .defaults import DEFAULT_KEEP_ALIVE_S, DEFAULT_MODEL, KEEP_ALIVE_ENV
 from .errors import InfluenceError
 from .sampling import MAX_SEED
 
@@ -139,6 +139,10 @@ def generate(
     prompts_file: Annotated[Optional[Path], typer.Option(
         help="Run every line of FILE as a prompt, in one batch; print one JSON result per line.")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="With --prompts-file: most prompts decoding together.")] = 8,
+    keep_alive: Annotated[float, typer.Option(
+        min=0, envvar=KEEP_ALIVE_ENV, metavar="SECONDS",
+        help="Keep the model loaded in a background process this long after the run, so that later runs with "
+             "the same model and options start fast; 0 = never (docs/defaults.md).")] = DEFAULT_KEEP_ALIVE_S,
 ) -> None:
     """Generate text from a prompt, streaming it as it comes."""
     options = dict(max_tokens=max_tokens, stop=stop or (), raw=raw, system=system, temperature=temperature,
@@ -147,6 +151,8 @@ def generate(
                    response_format=_constraint(output_format, json_schema, grammar, regex))
     options.update(_model_settings(ctx, model_reference(model_path, model_name)))
     if prompts_file is not None:
+        if ctx.get_parameter_source("keep_alive").name == "COMMANDLINE":
+            raise InfluenceError("--keep-alive keeps a single prompt's model loaded, not --prompts-file's")
         _generate_batch(prompts_file, model_reference(model_path, model_name), backend, device, dtype, threads,
                         max_batch, backend_options(backend_option), options)
         return
@@ -154,8 +160,24 @@ def generate(
         raise InfluenceError("give a PROMPT (or '-' to read it from stdin), or --prompts-file FILE")
     if prompt == "-":
         prompt = utf8(sys.stdin.buffer.read(), "stdin")
+    from . import resident
+
+    spec = resident.Spec.of(model_reference(model_path, model_name), backend, device, dtype, threads,
+                            backend_options(backend_option))
+    served = resident.stream(spec, prompt, options, keep_alive) if keep_alive > 0 else None
+    if served is not None:
+        _print_generation(*served, no_stream=no_stream, as_json=as_json, stats=stats)
+        return
     model = _load(model_path, model_name, backend, device, dtype, threads, backend_option)
-    stream = model.stream(prompt, **options)
+    _print_generation(model.stream(prompt, **options), resident.model_facts(model), no_stream=no_stream,
+                      as_json=as_json, stats=stats)
+    if keep_alive > 0 and resident.worth_keeping(model):
+        resident.start(spec, keep_alive, announce=sys.stderr.isatty())
+
+
+def _print_generation(stream, facts: dict, *, no_stream: bool, as_json: bool, stats: bool) -> None:
+    """Print a generation as it streams (``stream``: in-process or in a resident model), then its
+    result: the text's end, or one JSON object, and --stats."""
     streaming = not (no_stream or as_json)
     for piece in stream:
         if streaming:
@@ -163,18 +185,15 @@ def generate(
             sys.stdout.flush()
     result = stream.result
     if as_json:
-        print(json.dumps({
-            "text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-            "seed": result.seed, "backend": model.backend, "device": model.device, "dtype": model.dtype,
-            "weight_format": model.weight_format, "model": str(model.source.path),
-            "load_s": round(model.load_seconds, 6), "settings": result.settings, **result.stats.as_dict(),
-        }, ensure_ascii=False))
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "seed": result.seed, **facts, "settings": result.settings, **result.stats.as_dict()},
+                         ensure_ascii=False))
         return
     if not streaming:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
     if stats:
-        _print_stats(result, model)
+        _print_stats(result, facts)
 
 
 def _constraint(output_format: Optional[str], json_schema: Optional[Path], grammar: Optional[Path],
@@ -220,12 +239,13 @@ def _generate_batch(prompts_file: Path, model, backend, device, dtype, threads, 
                           **result.stats.as_dict()}, ensure_ascii=False))
 
 
-def _print_stats(result, model) -> None:
+def _print_stats(result, facts: dict) -> None:
     s = result.stats
     print(f"prompt {s.prompt_tokens} tokens ({s.cached_prompt_tokens} cached), prefill "
           f"{s.prefill_tokens_per_s:.1f} tok/s | generated {s.generated_tokens} tokens, decode "
           f"{s.decode_tokens_per_s:.1f} tok/s | time to first token {s.time_to_first_token_s * 1000:.0f} ms | "
-          f"finish: {result.finish_reason} | {model.backend} {model.device} {model.weight_format}", file=sys.stderr)
+          f"finish: {result.finish_reason} | {facts['backend']} {facts['device']} {facts['weight_format']}",
+          file=sys.stderr)
     ran = ", ".join(f"{key} {value}" for key, value in result.settings.items() if value is not None)
     print(f"settings: {ran}", file=sys.stderr)
 
@@ -277,7 +297,10 @@ def chat(
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed)
     options.update(_model_settings(ctx, model_reference(model_path, model_name)))
-    run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, model)) if stats else None)
+    from .resident import model_facts
+
+    facts = model_facts(model)
+    run_chat(model, options, system, after_reply=(lambda result: _print_stats(result, facts)) if stats else None)
 
 
 @app.command()
@@ -304,6 +327,65 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
                 takes = "|".join(option["choices"]) or option["type"] + bound
                 options.add_row(backend, option["name"], takes, json.dumps(option["default"]), option["help"])
     Console().print(table, *([options] if options.rows else []))
+
+
+@app.command()
+def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the resident models (kept loaded after `influence generate`; see `influence stop`)."""
+    import time
+
+    from .resident import memory_rss, residents
+
+    now, rows = time.time(), []
+    for state in residents():
+        idle = now - state["last_used"]
+        rows.append({"key": state["key"], "model": state["model"], "model_path": state.get("model_path"),
+                     "backend": state["backend"], "device": state["device"], "dtype": state["dtype"],
+                     "loaded": state["loaded"], "pid": state["pid"], "rss_bytes": memory_rss(state["pid"]),
+                     "idle_s": round(idle, 1), "expires_in_s": round(max(0.0, state["keep_alive"] - idle), 1)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no resident models")
+        return
+    from .artifacts import format_size
+
+    table = [("KEY", "MODEL", "BACKEND", "DEVICE", "DTYPE", "MEMORY", "IDLE", "EXPIRES IN")] + [
+        (row["key"], row["model"], row["backend"], row["device"], row["dtype"] if row["loaded"] else "(loading)",
+         format_size(row["rss_bytes"]) if row["rss_bytes"] is not None else "-", f"{row['idle_s']:.0f} s",
+         f"{row['expires_in_s']:.0f} s") for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+@app.command()
+def stop(
+    which: Annotated[Optional[str], typer.Argument(
+        metavar="[KEY|MODEL]", help="A resident's key (or its start) or model, as `influence ps` shows them.")] = None,
+    stop_all: Annotated[bool, typer.Option("--all", help="Stop every resident model.")] = False,
+) -> None:
+    """Stop resident models, freeing their memory (later runs load in-process again)."""
+    from .resident import residents, stop_resident
+
+    if (which is None) == (not stop_all):
+        raise InfluenceError("give a KEY or MODEL from `influence ps`, or --all")
+    running = residents()
+    if which is not None and Path(which).expanduser().exists():  # a model path, as -p took it
+        which = str(Path(which).expanduser().resolve())
+    chosen = running if stop_all else [state for state in running if state["key"].startswith(which)
+                                       or which in (state["model"], state.get("model_path"))]
+    if not chosen:
+        print("no resident model is running" if stop_all or not running
+              else f"no resident model matches {which!r} (see `influence ps`)")
+        if not stop_all:
+            raise typer.Exit(1)
+        return
+    for state in chosen:
+        stop_resident(state)
+    names = ", ".join(sorted({state["model"] for state in chosen}))
+    print(f"stopped {len(chosen)} resident model{'s' if len(chosen) > 1 else ''} ({names})")
 
 
 from .config_cli import config_app  # noqa: E402  (defined beside its helpers; no heavy imports)

@@ -16,6 +16,9 @@ from .config import GenerationDefaults
 # Most tokens one reply may have when a request or command names no limit (generate, chat, the
 # API and the server alike); a reply that ends by itself stops earlier.
 DEFAULT_MAX_TOKENS = 512
+# How long a resident model waits for the next `influence generate` (influence_core/resident.py).
+DEFAULT_KEEP_ALIVE_S = 300.0
+KEEP_ALIVE_ENV = "INFLUENCE_KEEP_ALIVE"
 
 # For models that ship no sampling settings: llama.cpp's defaults. On the benchmark's prompts they
 # repeat a third as much as greedy decoding and end more answers by themselves (docs/defaults.md).

@@ -57,6 +57,8 @@ os.environ.update(HF_ENDPOINT=HUB.url, HF_HOME=_hf_home, HF_HUB_DISABLE_PROGRESS
 # The user's own config file (~/.config/influence/config.toml) must not change what tests run;
 # tests that exercise one point INFLUENCE_CONFIG at their own.
 os.environ["INFLUENCE_CONFIG"] = os.path.join(_hf_home, "no-config.toml")
+# No test leaves a resident model behind (influence_core/resident.py); tests/test_resident.py opts in.
+os.environ["INFLUENCE_KEEP_ALIVE"] = "0"
 for _variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                   "HF_HUB_ENABLE_HF_TRANSFER"):
     os.environ.pop(_variable, None)

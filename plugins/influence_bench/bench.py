@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from influence_core.defaults import DEFAULT_KEEP_ALIVE_S, KEEP_ALIVE_ENV
+from influence_core.resident import MIN_MODEL_BYTES
+
 REFERENCE_ENGINES = ("transformers", "optimum", "llama.cpp")
 PROMPT_TEXT = (
     "The history of computing is a story of abstraction. Early machines were programmed by rewiring "
@@ -429,6 +432,10 @@ class ProcessCase:
     label: str  # "influence generate --dtype auto", "llama.cpp (llama-cpp-python)"
     command: list[str]
     reference: bool = False
+    environment: dict[str, str] = field(default_factory=dict)  # set for this process, over the caller's
+    # A resident model's case: its warm-up loads in-process and starts the resident, which is then
+    # waited for (`wait_for_resident`); every timed run must be served by it (load_s 0).
+    resident: bool = False
 
 
 @dataclass
@@ -448,16 +455,21 @@ def influence_command() -> list[str]:
 
 
 def generate_cases(model: list[str], backend: str, dtypes: list[str], device: str, threads: int, max_tokens: int,
-                   compiled: bool) -> list[ProcessCase]:
-    """``model``: the model arguments (``-m NAME``, ``-p PATH`` or none for the default model)."""
+                   compiled: bool, resident: bool = False) -> list[ProcessCase]:
+    """``model``: the model arguments (``-m NAME``, ``-p PATH`` or none for the default model).
+    Each case loads its model in-process (INFLUENCE_KEEP_ALIVE=0); with ``resident``, each also has
+    a case whose runs reuse a resident model, as a user's later runs do by default."""
     cases = []
     for dtype in dtypes:
         flags = ["-B", "compiled=true"] if compiled else []
         command = [*influence_command(), "generate", CLI_PROMPT, *model, "--backend", backend, "--device", device,
                    "--dtype", dtype, "--threads", str(threads), "--max-tokens", str(max_tokens),
                    "--temperature", "0", "--json", *flags]
-        cases.append(ProcessCase(f"influence generate --backend {backend} --dtype {dtype}{' -B compiled=true' * compiled}",
-                                 command))
+        label = f"influence generate --backend {backend} --dtype {dtype}{' -B compiled=true' * compiled}"
+        cases.append(ProcessCase(label, command, environment={KEEP_ALIVE_ENV: "0"}))
+        if resident:
+            cases.append(ProcessCase(f"{label}, resident model", command,
+                                     environment={KEEP_ALIVE_ENV: str(int(DEFAULT_KEEP_ALIVE_S))}, resident=True))
     return cases
 
 
@@ -466,12 +478,13 @@ def llama_cpp_case(python: str, gguf: str, threads: int, max_tokens: int) -> Pro
                                                         str(max_tokens), str(threads)], reference=True)
 
 
-def run_process(case: ProcessCase, timeout_s: float = 1800) -> ProcessRun:
-    """One whole process: wall time from spawn to exit, its own peak RSS (wait4's rusage), and
-    the figures it printed as JSON on its last line."""
+def run_process(case: ProcessCase, timeout_s: float = 1800, warm_up: bool = False) -> ProcessRun:
+    """One whole process: wall time from spawn to exit, its own peak RSS (wait4's rusage; a
+    resident model's case counts the client only), and the figures it printed as JSON on its last line."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        process = subprocess.Popen(case.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True)
+        process = subprocess.Popen(case.command, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
+                                   env={**os.environ, **case.environment})
         try:
             _, status, usage = _wait_with_timeout(process, timeout_s)
         except subprocess.TimeoutExpired:
@@ -486,10 +499,27 @@ def run_process(case: ProcessCase, timeout_s: float = 1800) -> ProcessRun:
             tail = (err.read().strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(f"{case.label} failed: {tail}")
     printed = json.loads(lines[-1])
+    if case.resident and not warm_up and printed.get("load_s") != 0:
+        raise RuntimeError(f"{case.label}: no resident model served it (a model under "
+                           f"{MIN_MODEL_BYTES >> 20} MiB is not kept), so it loaded in {printed.get('load_s')} s")
     return ProcessRun(wall_s=wall, peak_rss_mb=usage.ru_maxrss / 1024,  # Linux reports KiB
                       decode_tokens_per_s=printed["decode_tokens_per_s"],
                       time_to_first_token_s=printed["time_to_first_token_s"],
                       generated_tokens=printed["generated_tokens"], weight_format=printed.get("weight_format"))
+
+
+def wait_for_resident(since: float, timeout_s: float = 600) -> None:
+    """Until a resident model started after ``since`` has loaded (none starts for a small model)."""
+    from influence_core.resident import residents, wait_ready
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = [state for state in residents() if state["started"] >= since]
+        if not started:
+            return
+        if wait_ready(started[0]["key"], max(0.0, deadline - time.monotonic())):
+            return
+    raise RuntimeError(f"the resident model did not load within {timeout_s:.0f} s")
 
 
 def _wait_with_timeout(process: subprocess.Popen, timeout_s: float):
@@ -517,7 +547,10 @@ def measure_processes(cases: list[ProcessCase], repetitions: int,
                 continue
             progress(f"{'warm-up' if round_number == 0 else f'round {round_number}/{repetitions}'}: {case.label}")
             try:
-                run = run_process(case)
+                started = time.time()
+                run = run_process(case, warm_up=round_number == 0)
+                if case.resident and round_number == 0:
+                    wait_for_resident(started)
             except RuntimeError as error:
                 errors[case.label] = str(error)
                 continue

@@ -77,6 +77,9 @@ def bench(
                                            "with --reference.")] = False,
     reference_python: Annotated[Optional[Path], typer.Option(
         help="With --cli: the Python interpreter that has llama-cpp-python (default: this one).")] = None,
+    resident: Annotated[bool, typer.Option(
+        "--resident", help="With --cli: also time processes that reuse a resident model, as a user's later "
+                           "`influence generate` runs do by default (the others load in-process).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure prompt processing, decode, time to first token, load time and peak RSS (llama-bench style)."""
@@ -89,10 +92,12 @@ def bench(
         if output_format is not None:
             raise InfluenceError("--format measures the grammar mask in the kernel benchmark, not with --cli")
         _bench_processes(model_path, model_name, backends, dtypes or "auto", device, threads, prompt_tokens,
-                         gen_tokens, repetitions, reference, compiled, gguf, reference_python, as_json)
+                         gen_tokens, repetitions, reference, compiled, gguf, reference_python, resident, as_json)
         return
     if reference_python is not None:
         raise InfluenceError("--reference-python applies to --cli only")
+    if resident:
+        raise InfluenceError("--resident applies to --cli only")
     dtypes = dtypes or "float32"
     prompt_tokens = 128 if prompt_tokens is None else prompt_tokens
     reference_model = model_reference(model_path, model_name)
@@ -145,7 +150,7 @@ def _default_gguf() -> Optional[Path]:
 
 
 def _bench_processes(model_path, model_name, backends, dtypes, device, threads, prompt_tokens, gen_tokens,
-                     repetitions, reference, compiled, gguf, reference_python, as_json) -> None:
+                     repetitions, reference, compiled, gguf, reference_python, resident, as_json) -> None:
     """`influence bench --cli`: whole processes, as `bench.measure_processes` times them."""
     from . import bench as benchmarks
 
@@ -154,7 +159,7 @@ def _bench_processes(model_path, model_name, backends, dtypes, device, threads, 
     model = ["-p", str(model_path)] if model_path else ["-m", model_name] if model_name else []
     cases = [case for backend in _split(backends)
              for case in benchmarks.generate_cases(model, backend, _split(dtypes), device, threads, gen_tokens,
-                                                   compiled)]
+                                                   compiled, resident)]
     if reference:
         gguf = gguf or (model_path if model_path and model_path.suffix == ".gguf" else None)
         gguf = gguf or (_default_gguf() if not (model_path or model_name) else None)

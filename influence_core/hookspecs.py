@@ -32,7 +32,8 @@ from collections.abc import Callable
 
 import pluggy
 
-HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2 register_model_resolvers and Backend.options_type
+HOOKSPEC_VERSION = "1.2"  # 1.1 added register_tool_parsers; 1.2 register_model_resolvers, Backend.options_type
+# and Runner.on_idle
 
 hookspec = pluggy.HookspecMarker("influence")
 

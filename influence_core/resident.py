@@ -447,7 +447,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
         os.umask(previous_umask)
     inode = os.stat(socket_path).st_ino
     listener.listen(16)
-    failed = True
+    failed, model = True, None
     try:
         model = spec.load()
         from .artifacts import fingerprint
@@ -458,6 +458,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
                      weight_format=facts["weight_format"], model_path=facts["model"], last_used=time.time())
         _write_state(state)
         listener.settimeout(CHECK_S)
+        on_idle = getattr(model.runner, "on_idle", None)  # a runner written before hook spec 1.2 has none
         while True:
             try:
                 sock, _ = listener.accept()
@@ -465,6 +466,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
                 if not _socket_is_ours(socket_path, inode) or time.time() - state["last_used"] > state["keep_alive"]:
                     failed = False
                     return
+                on_idle = _idle_work(model.runner, on_idle)
                 continue
             with sock:
                 outcome = _answer(model, _Connection(sock), hello)
@@ -479,6 +481,22 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
     finally:
         listener.close()
         _remove_files(key, inode, keep_log=failed)
+        if model is not None:
+            model.close()  # and what it runs in the background (`Runner.close`)
+
+
+def _idle_work(runner, on_idle):
+    """Give the runner its idle time (`Runner.on_idle`); one that fails there is not asked again,
+    and keeps serving as it is (the failure goes to this resident's log)."""
+    if on_idle is None:
+        return None
+    try:
+        on_idle()
+    except Exception as error:
+        print(f"influence: {type(runner).__name__}.on_idle failed ({type(error).__name__}: {error}); "
+              "serving on without it", file=sys.stderr, flush=True)
+        return None
+    return on_idle
 
 
 def _socket_is_ours(path: Path, inode: int) -> bool:

@@ -166,7 +166,71 @@ def test_a_built_step_gives_the_eager_logits_and_later_runs_load_it(tiny_models,
     assert torch.allclose(through_package[:, -1], eager.runner.decode_batch([4, 5, 6], [len(PROMPT) + 6, 5, 2]),
                           atol=1e-5, rtol=0)
 
-    assert influence.load(path, device="cpu", dtype="float32").runner.graph_step is not None
+    # A plain run starts eager (loading a package costs more than one short run saves); asked
+    # for, the package is loaded from the store, not built again.
+    assert influence.load(path, device="cpu", dtype="float32").runner.graph_step is None
+    assert load_step_of(path, "float32") is not None
     weights = path / "model.safetensors"
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # new weights: a new key
-    assert influence.load(path, device="cpu", dtype="float32").runner.graph_step is None
+    assert load_step_of(path, "float32") is None
+
+
+def load_step_of(path, dtype):
+    from influence_core.artifacts import fingerprint
+
+    return compiled.load_step(compiled.step_key(f"llama {fingerprint(path)}", dtype, "cpu"), "cpu")
+
+
+def wait_for_background_build(runner, seconds=600):
+    deadline = time.monotonic() + seconds
+    while runner.background_build is not None and time.monotonic() < deadline:
+        runner.on_idle()
+        time.sleep(0.2)
+    assert runner.background_build is None, "the background build did not finish"
+
+
+def test_a_runner_kept_loaded_builds_its_step_in_the_background_and_switches_to_it(tmp_path, store):
+    """What a resident model does while idle: a real build in a low-priority child process (about
+    15 s of CPU), the switch to the package, and the next runner loading it without building."""
+    path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
+    model = influence.load(path, device="cpu", dtype="int8")
+    runner = model.runner
+    assert runner.graph_step is None and runner.background_build is not None
+    eager = influence.load(path, device="cpu", dtype="int8").runner
+    runner.on_idle()
+    process = runner.background_build.process
+    assert process is not None and runner.graph_step is None  # serving eager meanwhile
+    wait_for_background_build(runner)
+    assert process.returncode == 0 and runner.graph_step is not None
+    for each in (runner, eager):
+        each.forward(PROMPT, 0)
+    for position in range(len(PROMPT), len(PROMPT) + 4):
+        assert torch.allclose(runner.forward([position], position), eager.forward([position], position),
+                              atol=2e-2, rtol=0)  # the same int8 weights; bfloat16 activations round differently
+    again = influence.load(path, device="cpu", dtype="int8").runner
+    again.on_idle()  # found in the store: loaded at once, nothing started
+    assert again.graph_step is not None and again.background_build is None
+    assert not list((store / "exports" / "compiled").glob("*.log"))  # a build that succeeded leaves no log
+
+
+def test_a_background_build_that_fails_is_noted_and_not_retried_unasked(tmp_path, store, monkeypatch):
+    path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
+    runner = influence.load(path, device="cpu", dtype="int8").runner
+    runner.background_build.source = tmp_path / "gone"  # the child cannot open the model
+    wait_for_background_build(runner, seconds=120)
+    assert runner.graph_step is None
+    notes = list((store / "exports" / "compiled").glob("*.failed"))
+    assert len(notes) == 1 and "exited with status 1" in notes[0].read_text()
+    assert "gone" in notes[0].with_suffix(".log").read_text()  # the child's own error, kept
+    later = influence.load(path, device="cpu", dtype="int8").runner
+    later.on_idle()
+    assert later.background_build is None and later.graph_step is None  # not tried again
+
+
+def test_closing_a_runner_stops_its_background_build(tmp_path, store):
+    path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
+    model = influence.load(path, device="cpu", dtype="int8")
+    model.runner.on_idle()
+    process = model.runner.background_build.process
+    model.close()
+    assert process.poll() is not None

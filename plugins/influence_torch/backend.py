@@ -37,6 +37,8 @@ class TorchRunner(Runner):
         # compiled package, or a CUDA graph. It attends over the cache's whole capacity (masked), so
         # one graph serves every position.
         self.graph_step: Any = None
+        # Set where a compiled step would be faster but none was asked for (`on_idle`).
+        self.background_build: Any = None
         # A single sequence's decode feeds one token at one position: reused, not rebuilt per token.
         self.one_token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.one_position = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -111,9 +113,27 @@ class TorchRunner(Runner):
                 cache.v[target, :, :used] = cache.v[source, :, :used]
         self.slot_lengths[target] = used
 
+    def on_idle(self) -> None:
+        """Kept loaded (a resident model): switch to the compiled decode step, loading it from the
+        store or building it there in the background first (`compiled.BackgroundBuild`)."""
+        if self.background_build is None:
+            return
+        step = self.background_build.poll()
+        if step is not None:
+            self.graph_step = step
+        if self.background_build.finished:
+            self.background_build = None
+
     def close(self) -> None:
-        self.model = self.graph_step = None
+        if self.background_build is not None:
+            self.background_build.cancel()
+        self.model = self.graph_step = self.background_build = None
         self.caches = []
+
+
+# The weight formats whose compiled CPU decode step beats eager (int4 1.3-1.4x; float32 none:
+# docs/performance.md).
+COMPILED_FASTER = ("int8", "int4")
 
 
 def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
@@ -204,16 +224,18 @@ class TorchBackend(Backend):
 
             return load_tensor_parallel(source, architecture, device, dtype, context_length, max_batch,
                                         backend_options.tensor_parallel)
-        from .compiled import artifact_path, load_step, prepare_step, step_key
+        from .compiled import BackgroundBuild, prepare_step, step_key
+        from .llama import Llama
         from .linear import float_weights_left_for_inductor, return_freed_memory
         from .prebuilt import build_or_load
 
-        # A compiled step is used when asked for (and built if missing), or whenever one was built
-        # before (`influence prepare`); without one, every step runs eager.
+        # A compiled step is loaded when asked for (and built first if missing). Otherwise a run
+        # starts eager: loading a package costs more than it saves in one short generation
+        # (docs/performance.md), so only a runner kept loaded (a resident model) switches to one,
+        # loading it or building it in the background while idle (`TorchRunner.on_idle`).
         key = step_key(f"{architecture.name} {fingerprint(source.path)}", dtype, device)
-        compiled = backend_options.compiled or (artifact_path(key) / "key.json").is_file()
         # The eager model runs prefill; for float formats a compiled step packs the weights itself.
-        with float_weights_left_for_inductor() if compiled else contextlib.nullcontext():
+        with float_weights_left_for_inductor() if backend_options.compiled else contextlib.nullcontext():
             model = build_or_load(source, architecture, device, dtype)
         return_freed_memory()
         check_causal_lm(model, architecture)
@@ -222,8 +244,8 @@ class TorchBackend(Backend):
         if backend_options.compiled:
             runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}",
                                              source.path)
-        elif compiled:
-            runner.graph_step = load_step(key, device)
+        elif device == "cpu" and dtype in COMPILED_FASTER and max_batch == 1 and isinstance(model, Llama):
+            runner.background_build = BackgroundBuild(key, source.path, dtype, device)
         if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one
             from .cuda_graphs import CudaGraphStep
 

@@ -147,9 +147,97 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
                 artifacts.write_manifest(directory, source)
             remove_stale(key)
             step = load_step(key, device)
+            if step is not None:  # asked for and built: an earlier failure (`BackgroundBuild`) is past
+                for note in (".failed", ".log"):
+                    directory.with_name(directory.name + note).unlink(missing_ok=True)
     if step is None:
         raise BackendError(f"the compiled decode step built in {directory} does not load")
     return step
+
+
+class BackgroundBuild:
+    """The compiled step for ``key``, made ready while a long-lived runner serves eager: `poll`
+    loads it when it is in the store, and otherwise builds it in a child process at the lowest CPU
+    priority (``influence prepare``'s build, so under the same lock), then loads it. A build that
+    fails leaves a note beside the package's directory, so no later runner tries the same key again
+    unasked (``influence prepare`` does, and says why it fails); the child's output is kept there."""
+
+    def __init__(self, key: dict[str, str], source: Path, dtype: str, device: str) -> None:
+        self.key, self.source, self.dtype, self.device = key, source, dtype, device
+        self.process: Any = None
+        self.finished = False
+
+    @property
+    def failure_note(self) -> Path:
+        directory = artifact_path(self.key)
+        return directory.with_name(directory.name + ".failed")
+
+    def poll(self) -> CompiledStep | None:
+        """The loaded step once there is one; None while it builds, or after a failure (``finished``)."""
+        import subprocess
+
+        if self.finished:
+            return None
+        if self.process is None:
+            step = load_step(self.key, self.device)
+            if step is not None or self.failure_note.exists():
+                self.finished = True
+                return step
+            self.failure_note.parent.mkdir(parents=True, exist_ok=True)
+            arguments = json.dumps({"source": str(self.source), "dtype": self.dtype, "device": self.device,
+                                    "key": self.key})
+            with open(self.failure_note.with_suffix(".log"), "wb") as log:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", "import os, sys; os.nice(19); from influence_torch.compiled import "
+                     "build_in_child; build_in_child(sys.argv[1])", arguments],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            return None
+        if self.process.poll() is None:
+            return None
+        self.finished = True
+        step = load_step(self.key, self.device) if self.process.returncode == 0 else None
+        if step is not None:
+            self.failure_note.with_suffix(".log").unlink(missing_ok=True)
+        else:
+            self.failure_note.write_text(f"the background build exited with status {self.process.returncode}; "
+                                         f"its output is in {self.failure_note.with_suffix('.log')}\n",
+                                         encoding="utf-8")
+        return step
+
+    def cancel(self) -> None:
+        """Stop a build still running, with the compiler it runs (its partial directory is never
+        taken for a package)."""
+        import os
+        import signal
+        import subprocess
+
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the child and its compilers
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def build_in_child(arguments: str) -> None:
+    """A `BackgroundBuild`'s child: build the model from its file and its step under the parent's key
+    (`influence prepare`'s build, without keeping another built model in the store)."""
+    import signal
+
+    from influence_core.api import open_source
+    from influence_core.plugins import get_registry
+
+    # Stopped (`BackgroundBuild.cancel`): exit through Python, so the partial directory is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    given = json.loads(arguments)
+    source = open_source(Path(given["source"]))
+    architecture = get_registry().architecture_for(source.config, "torch")
+    model = architecture.build(source.config, source.weights(), given["device"], given["dtype"])
+    prepare_step(model, given["key"], given["device"], model.new_caches, f"{source.path.name} {given['dtype']}",
+                 source.path)
 
 
 @contextlib.contextmanager

@@ -341,7 +341,8 @@ def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = Fa
         idle = now - state["last_used"]
         rows.append({"key": state["key"], "model": state["model"], "model_path": state.get("model_path"),
                      "backend": state["backend"], "device": state["device"], "dtype": state["dtype"],
-                     "loaded": state["loaded"], "pid": state["pid"], "rss_bytes": memory_rss(state["pid"]),
+                     "loaded": state["loaded"], "preparing": state.get("preparing", False), "pid": state["pid"],
+                     "rss_bytes": memory_rss(state["pid"]),
                      "idle_s": round(idle, 1), "expires_in_s": round(max(0.0, state["keep_alive"] - idle), 1)})
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -351,8 +352,11 @@ def ps(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = Fa
         return
     from .artifacts import format_size
 
+    def dtype(row: dict) -> str:  # "preparing": making itself faster while idle (Runner.on_idle)
+        return "(loading)" if not row["loaded"] else row["dtype"] + (" (preparing)" if row["preparing"] else "")
+
     table = [("KEY", "MODEL", "BACKEND", "DEVICE", "DTYPE", "MEMORY", "IDLE", "EXPIRES IN")] + [
-        (row["key"], row["model"], row["backend"], row["device"], row["dtype"] if row["loaded"] else "(loading)",
+        (row["key"], row["model"], row["backend"], row["device"], dtype(row),
          format_size(row["rss_bytes"]) if row["rss_bytes"] is not None else "-", f"{row['idle_s']:.0f} s",
          f"{row['expires_in_s']:.0f} s") for row in rows]
     widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]

@@ -171,11 +171,13 @@ class Runner(ABC):
         returns the same one in each, so that they all sample the same tokens."""
         return secrets.randbits(63)
 
-    def on_idle(self) -> None:
+    def on_idle(self) -> bool:
         """Called every few seconds by a host that keeps this runner loaded between requests (a
-        resident model, `influence_core.resident`) while none runs. A runner may use the time to
-        become faster for later calls (the torch runner builds its compiled decode step in a
-        low-priority child process and switches to it once built), but must return promptly."""
+        resident model, `influence_core.resident`) while none runs; returns whether it has more
+        to do (False: it is not called again). A runner may use the time to become faster for
+        later calls (the torch runner builds its compiled decode step in a low-priority child
+        process and switches to it once built), but must return promptly."""
+        return False
 
     def close(self) -> None:
         """Release memory held outside Python's reach (device caches, sessions), and stop what the

@@ -454,11 +454,12 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
 
         facts = model_facts(model)
         hello = {"facts": facts, "fingerprint": fingerprint(model.source.path), "pid": os.getpid()}
+        on_idle = getattr(model.runner, "on_idle", None)  # a runner written before hook spec 1.2 has none
         state.update(loaded=True, backend=facts["backend"], device=facts["device"], dtype=facts["dtype"],
-                     weight_format=facts["weight_format"], model_path=facts["model"], last_used=time.time())
+                     weight_format=facts["weight_format"], model_path=facts["model"], last_used=time.time(),
+                     preparing=on_idle is not None)
         _write_state(state)
         listener.settimeout(CHECK_S)
-        on_idle = getattr(model.runner, "on_idle", None)  # a runner written before hook spec 1.2 has none
         while True:
             try:
                 sock, _ = listener.accept()
@@ -466,7 +467,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
                 if not _socket_is_ours(socket_path, inode) or time.time() - state["last_used"] > state["keep_alive"]:
                     failed = False
                     return
-                on_idle = _idle_work(model.runner, on_idle)
+                on_idle = _idle_work(model.runner, on_idle, state)
                 continue
             with sock:
                 outcome = _answer(model, _Connection(sock), hello)
@@ -485,18 +486,22 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
             model.close()  # and what it runs in the background (`Runner.close`)
 
 
-def _idle_work(runner, on_idle):
-    """Give the runner its idle time (`Runner.on_idle`); one that fails there is not asked again,
-    and keeps serving as it is (the failure goes to this resident's log)."""
+def _idle_work(runner, on_idle, state: dict[str, Any]):
+    """Give the runner its idle time (`Runner.on_idle`), and the on_idle to call next time: None
+    once it has nothing more to do, or failed there (it keeps serving as it is; the failure goes to
+    this resident's log). The state says whether it is still preparing (`influence ps`)."""
     if on_idle is None:
         return None
     try:
-        on_idle()
+        more = on_idle()
     except Exception as error:
         print(f"influence: {type(runner).__name__}.on_idle failed ({type(error).__name__}: {error}); "
               "serving on without it", file=sys.stderr, flush=True)
-        return None
-    return on_idle
+        more = False
+    if not more:
+        state["preparing"] = False
+        _write_state(state)
+    return on_idle if more else None
 
 
 def _socket_is_ours(path: Path, inode: int) -> bool:

@@ -260,3 +260,35 @@ def test_bench_cli_times_the_resident_path_only_where_a_resident_served_it(home,
     assert kept["case"] == in_process["case"] + ", resident model"
     assert "no resident model served it" in kept["error"]
     assert not (home / "run").exists()
+
+
+def test_a_resident_gives_its_runner_idle_time_and_says_when_it_is_done_preparing(home, tiny_model):
+    state = start_and_wait(tiny_spec(tiny_model))
+    # A float32 model has nothing to prepare: done at the first idle tick.
+    assert wait_until(lambda: resident._read_state(state["key"])["preparing"] is False, timeout=60)
+    listed = subprocess.run([*CLI, "ps", "--json"], capture_output=True, text=True, timeout=60)
+    (row,) = json.loads(listed.stdout)
+    assert row["preparing"] is False and row["loaded"] is True
+
+
+def test_a_runner_that_fails_while_idle_keeps_serving_and_is_not_asked_again(home, capsys):
+    class Failing:
+        def on_idle(self):
+            raise RuntimeError("broken")
+
+    runner, state = Failing(), {"key": "k" * 16, "pid": os.getpid(), "preparing": True}
+    resident.run_dir().mkdir(parents=True)
+    assert resident._idle_work(runner, runner.on_idle, state) is None
+    assert state["preparing"] is False and resident._read_state(state["key"])["preparing"] is False
+    assert "Failing.on_idle failed (RuntimeError: broken); serving on without it" in capsys.readouterr().err
+
+    class Building:
+        calls = 0
+
+        def on_idle(self):
+            self.calls += 1
+            return self.calls < 2
+
+    runner, state = Building(), {"key": "b" * 16, "pid": os.getpid(), "preparing": True}
+    assert resident._idle_work(runner, runner.on_idle, state) == runner.on_idle and state["preparing"]
+    assert resident._idle_work(runner, runner.on_idle, state) is None and not state["preparing"]

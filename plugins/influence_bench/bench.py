@@ -508,8 +508,10 @@ def run_process(case: ProcessCase, timeout_s: float = 1800, warm_up: bool = Fals
                       generated_tokens=printed["generated_tokens"], weight_format=printed.get("weight_format"))
 
 
-def wait_for_resident(since: float, timeout_s: float = 600) -> None:
-    """Until a resident model started after ``since`` has loaded (none starts for a small model)."""
+def wait_for_resident(since: float, timeout_s: float = 900) -> None:
+    """Until a resident model started after ``since`` has loaded and done what it prepares while
+    idle (the torch runner's compiled step: the steady state later runs meet); none starts for a
+    small model."""
     from influence_core.resident import residents, wait_ready
 
     deadline = time.monotonic() + timeout_s
@@ -517,9 +519,13 @@ def wait_for_resident(since: float, timeout_s: float = 600) -> None:
         started = [state for state in residents() if state["started"] >= since]
         if not started:
             return
-        if wait_ready(started[0]["key"], max(0.0, deadline - time.monotonic())):
+        if not started[0].get("loaded"):  # asking it would keep it from the idle time it prepares in
+            if not wait_ready(started[0]["key"], max(0.0, deadline - time.monotonic())):
+                break
+        elif not started[0].get("preparing", True):
             return
-    raise RuntimeError(f"the resident model did not load within {timeout_s:.0f} s")
+        time.sleep(0.5)
+    raise RuntimeError(f"the resident model did not load and prepare within {timeout_s:.0f} s")
 
 
 def _wait_with_timeout(process: subprocess.Popen, timeout_s: float):

@@ -113,16 +113,17 @@ class TorchRunner(Runner):
                 cache.v[target, :, :used] = cache.v[source, :, :used]
         self.slot_lengths[target] = used
 
-    def on_idle(self) -> None:
+    def on_idle(self) -> bool:
         """Kept loaded (a resident model): switch to the compiled decode step, loading it from the
         store or building it there in the background first (`compiled.BackgroundBuild`)."""
         if self.background_build is None:
-            return
+            return False
         step = self.background_build.poll()
         if step is not None:
             self.graph_step = step
         if self.background_build.finished:
             self.background_build = None
+        return self.background_build is not None
 
     def close(self) -> None:
         if self.background_build is not None:

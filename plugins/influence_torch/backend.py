@@ -168,7 +168,8 @@ class TorchOptions(BackendOptions):
            "started by `influence tensor-parallel N` or torchrun; docs/scaling.md.", minimum=1)
     compiled: bool = option(
         False, "Use the compiled decode step, building it into the store first if it is not there (a minute "
-               "or more, once; `influence prepare` does it ahead of time). Runs load one built before unasked.")
+               "or more, once; `influence prepare` does it ahead of time). Without it a run starts eager, and a "
+               "resident model switches to the compiled step by itself (docs/defaults.md).")
 
 
 class TorchBackend(Backend):

@@ -20,8 +20,9 @@ def prepare(
     device: DeviceOption = "auto",
 ) -> None:
     """Compile the torch backend's decode step for a model and weight format into the store (minutes,
-    once). Later runs of that model and format load it for single-sequence decode (int4 measured
-    1.3-1.4x eager; float32 no faster: docs/performance.md); without it they run eager."""
+    once). A resident model of that model and format loads it for single-sequence decode (int4
+    measured 1.3-1.4x eager; float32 no faster: docs/performance.md), as do runs with
+    -B compiled=true; a resident builds it by itself when it is missing, in the background."""
     from influence_core.api import load
 
     started = time.perf_counter()

@@ -5,7 +5,9 @@
 weights. That takes a minute or more, so it is done once per model and weight format and kept
 under ``INFLUENCE_HOME/exports/compiled/<key>/`` (with the store's manifest naming the model, so
 `influence models list` shows it and `influence models prune` removes it); later processes load the
-package in seconds.
+package in seconds. Loading it costs more than one short generation saves, so a plain run starts
+eager; a resident model (`influence_core.resident`) switches to the package while idle, building it
+first in a low-priority child process when it is missing (`BackgroundBuild`).
 
 The key names everything the package depends on (the model's files, the weight format, the
 torch version, the device, the CPU's instruction set and this plugin's own code), so a package
@@ -261,7 +263,7 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
     from influence_core.artifacts import atomic_directory, report_disk_use, timed_build
 
     directory = artifact_path(key)
-    print(f"influence: compiling the decode step of {label} (once: later runs load it from {directory})",
+    print(f"influence: compiling the decode step of {label} (once: resident models and -B compiled=true load it from {directory})",
           file=sys.stderr)
     batch, capacity = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("capacity", min=2)
     example = (torch.zeros((2, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]], device=device),

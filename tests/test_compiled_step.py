@@ -159,12 +159,11 @@ def test_a_built_step_gives_the_eager_logits_and_later_runs_load_it(tiny_models,
     for position in range(len(PROMPT), len(PROMPT) + 6):
         assert torch.allclose(built.runner.forward([position], position),
                               eager.runner.forward([position], position), atol=1e-5, rtol=0)
-    # On CPU batches run eager (they were no faster compiled), so call the package with a batch directly.
-    tokens, positions = torch.tensor([[4], [5], [6]]), torch.tensor([[len(PROMPT) + 6], [5], [2]])
-    runner = built.runner
-    through_package = runner.graph_step(tokens, positions, runner.key_positions, runner.caches)
-    assert torch.allclose(through_package[:, -1], eager.runner.decode_batch([4, 5, 6], [len(PROMPT) + 6, 5, 2]),
-                          atol=1e-5, rtol=0)
+    # On CPU the package is built for single sequences (batches were no faster compiled): a batch
+    # runs eager, beside the package's cache slot.
+    assert built.runner.graph_step.max_batch == 1
+    assert torch.allclose(built.runner.decode_batch([4, 5, 6], [len(PROMPT) + 6, 5, 2]),
+                          eager.runner.decode_batch([4, 5, 6], [len(PROMPT) + 6, 5, 2]), atol=1e-5, rtol=0)
 
     # A plain run starts eager (loading a package costs more than one short run saves); asked
     # for, the package is loaded from the store, not built again.
@@ -181,6 +180,19 @@ def load_step_of(path, dtype):
     return compiled.load_step(compiled.step_key(f"llama {fingerprint(path)}", dtype, "cpu"), "cpu")
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """Tiny models get background builds too (real models only, unasked)."""
+    from influence_torch import backend
+
+    monkeypatch.setattr(backend, "MIN_BACKGROUND_BUILD_PARAMETERS", 0)
+
+
+def test_a_small_model_or_a_batched_runner_is_not_compiled_unasked(tiny_model):
+    assert influence.load(tiny_model, device="cpu", dtype="int8").runner.background_build is None
+    assert influence.load(tiny_model, device="cpu", dtype="int8", max_batch=4).runner.background_build is None
+
+
 def wait_for_background_build(runner, seconds=600):
     deadline = time.monotonic() + seconds
     while runner.background_build is not None and time.monotonic() < deadline:
@@ -189,7 +201,7 @@ def wait_for_background_build(runner, seconds=600):
     assert runner.background_build is None, "the background build did not finish"
 
 
-def test_a_runner_kept_loaded_builds_its_step_in_the_background_and_switches_to_it(tmp_path, store):
+def test_a_runner_kept_loaded_builds_its_step_in_the_background_and_switches_to_it(tmp_path, store, any_size):
     """What a resident model does while idle: a real build in a low-priority child process (about
     15 s of CPU), the switch to the package, and the next runner loading it without building."""
     path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
@@ -213,7 +225,7 @@ def test_a_runner_kept_loaded_builds_its_step_in_the_background_and_switches_to_
     assert not list((store / "exports" / "compiled").glob("*.log"))  # a build that succeeded leaves no log
 
 
-def test_a_background_build_that_fails_is_noted_and_not_retried_unasked(tmp_path, store, monkeypatch):
+def test_a_background_build_that_fails_is_noted_and_not_retried_unasked(tmp_path, store, any_size):
     path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
     runner = influence.load(path, device="cpu", dtype="int8").runner
     runner.background_build.source = tmp_path / "gone"  # the child cannot open the model
@@ -227,7 +239,7 @@ def test_a_background_build_that_fails_is_noted_and_not_retried_unasked(tmp_path
     assert later.background_build is None and later.graph_step is None  # not tried again
 
 
-def test_closing_a_runner_stops_its_background_build(tmp_path, store):
+def test_closing_a_runner_stops_its_background_build(tmp_path, store, any_size):
     path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
     model = influence.load(path, device="cpu", dtype="int8")
     model.runner.on_idle()

@@ -132,9 +132,12 @@ class TorchRunner(Runner):
         self.caches = []
 
 
-# The weight formats whose compiled CPU decode step beats eager (int4 1.3-1.4x; float32 none:
-# docs/performance.md).
-COMPILED_FASTER = ("int8", "int4")
+# The weight formats whose compiled CPU decode step beats eager (docs/performance.md: int4
+# 1.3-1.4x; float32 about 2x with max-autotune's GEMVs). bfloat16 is unmeasured, so it stays eager.
+COMPILED_FASTER = ("int8", "int4", "float32")
+# Below this a model is not worth compiling unasked: a build costs a minute or more of CPU and a GB
+# or more of memory whatever the model's size, and a model this small already runs fast eager.
+MIN_BACKGROUND_BUILD_PARAMETERS = 20_000_000
 
 
 def fit_context_to_memory(context_length: int, bytes_per_position: int) -> int:
@@ -246,7 +249,8 @@ class TorchBackend(Backend):
         if backend_options.compiled:
             runner.graph_step = prepare_step(model, key, device, model.new_caches, f"{source.path.name} {dtype}",
                                              source.path)
-        elif device == "cpu" and dtype in COMPILED_FASTER and max_batch == 1 and isinstance(model, Llama):
+        elif (device == "cpu" and dtype in COMPILED_FASTER and max_batch == 1 and isinstance(model, Llama)
+              and source.config.parameter_count() >= MIN_BACKGROUND_BUILD_PARAMETERS):
             runner.background_build = BackgroundBuild(key, source.path, dtype, device)
         if device.startswith("cuda"):  # kernel launches dominate a GPU's decode step: replay them as one
             from .cuda_graphs import CudaGraphStep

@@ -36,6 +36,7 @@ from filelock import FileLock, Timeout
 from influence_core import artifacts
 from influence_core.errors import BackendError
 
+from .linear import QUANTIZED_FORMATS, float_weights_left_for_inductor
 from .llama import KVCache, Llama
 
 PACKAGE = "step.pt2"
@@ -237,7 +238,8 @@ def build_in_child(arguments: str) -> None:
     given = json.loads(arguments)
     source = open_source(Path(given["source"]))
     architecture = get_registry().architecture_for(source.config, "torch")
-    model = architecture.build(source.config, source.weights(), given["device"], given["dtype"])
+    with float_weights_left_for_inductor():  # float weights as plain tensors, for inductor to pack
+        model = architecture.build(source.config, source.weights(), given["device"], given["dtype"])
     prepare_step(model, given["key"], given["device"], model.new_caches, f"{source.path.name} {given['dtype']}",
                  source.path)
 
@@ -263,19 +265,29 @@ def _build(model: Llama, key: dict[str, str], device: str, caches: Callable[[int
     from influence_core.artifacts import atomic_directory, report_disk_use, timed_build
 
     directory = artifact_path(key)
-    print(f"influence: compiling the decode step of {label} (once: resident models and -B compiled=true load it from {directory})",
-          file=sys.stderr)
+    print(f"influence: compiling the decode step of {label} (once: resident models and -B compiled=true "
+          f"load it from {directory})", file=sys.stderr)
+    # On CPU the package serves single sequences (`CompiledStep`), so it is built for one: a fixed
+    # shape lets inductor pick its float GEMVs by timing them (max-autotune's C++ templates stream
+    # float32 weights at about twice oneDNN's rate here; the quantized kernels are fixed calls).
+    rows = 1 if device == "cpu" else 2
     batch, capacity = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("capacity", min=2)
-    example = (torch.zeros((2, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]], device=device),
-               torch.arange(256, device=device), [part for cache in caches(2, 256) for part in cache])
-    shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
+    example = (torch.zeros((rows, 1), dtype=torch.long, device=device), torch.tensor([[3], [5]][:rows], device=device),
+               torch.arange(256, device=device), [part for cache in caches(rows, 256) for part in cache])
+    if device == "cpu":
+        shapes = (None, None, {0: capacity}, [{2: capacity}] * len(example[3]))
+    else:
+        shapes = ({0: batch}, {0: batch}, {0: capacity}, [{0: batch, 2: capacity}] * len(example[3]))
+    configs: dict[str, Any] = {"freezing": True}
+    if device == "cpu" and key["weight_format"] not in QUANTIZED_FORMATS:
+        configs.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
     with warnings.catch_warnings(), timed_build("compiling the decode step", f"compiled-{key['weight_format']}",
                                                model.config.parameter_count(), SECONDS_PER_PARAMETER):
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, nothing a user can act on
         with torch.no_grad():
             exported = torch.export.export(_Step(model), example, dynamic_shapes=shapes, strict=False)
         with atomic_directory(directory) as partial:
-            aoti_compile_and_package(exported, package_path=str(partial / PACKAGE), inductor_configs={"freezing": True})
+            aoti_compile_and_package(exported, package_path=str(partial / PACKAGE), inductor_configs=configs)
             (partial / KEY_FILE).write_text(json.dumps(key, sort_keys=True), encoding="utf-8")
     report_disk_use("the compiled decode step", directory)
 

@@ -246,3 +246,19 @@ def test_closing_a_runner_stops_its_background_build(tmp_path, store, any_size):
     process = model.runner.background_build.process
     model.close()
     assert process.poll() is not None
+
+
+def test_float32_is_compiled_unasked_only_where_its_memory_fits():
+    from influence_torch import backend
+
+    class Source:
+        def __init__(self, parameters):
+            self.config = type("Config", (), {"parameter_count": lambda config: parameters})()
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fits = int(memory * backend.COMPILED_MEMORY_SHARE / (4 * backend.COMPILED_FLOAT32_MEMORY_FACTOR))
+    assert backend.worth_compiling(Source(fits - 1), "float32")
+    assert not backend.worth_compiling(Source(fits * 2), "float32")
+    assert backend.worth_compiling(Source(fits * 2), "int4")  # its package is a fraction of the float weights
+    assert not backend.worth_compiling(Source(10**6), "int4")  # too small to be worth a build
+    assert not backend.worth_compiling(Source(10**8), "bfloat16")  # unmeasured: stays eager

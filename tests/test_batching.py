@@ -108,3 +108,41 @@ def test_prompts_file_prints_one_json_result_per_line(tiny_model, tmp_path):
     assert [line["prompt"] for line in lines] == PROMPTS[:3]
     alone = influence.load(tiny_model, device="cpu")
     assert lines[1]["token_ids"] == alone.generate(PROMPTS[1], max_tokens=6, temperature=0, raw=True).token_ids
+
+
+def test_a_long_prompt_is_fed_in_chunks_while_others_decode(tiny_model):
+    """Chunked prefill, counted rather than timed: while a generation decodes, a long prompt enters a
+    chunk of at most `prefill_chunk` tokens per step, the decoding one gains a token every step, and
+    both answers are those of runs alone."""
+    model = influence.load(tiny_model, device="cpu", max_batch=4)
+    alone = influence.load(tiny_model, device="cpu")
+    long_prompt = "Rust is a systems programming language. " * 30
+    engine = BatchEngine(model.runner, prefill_chunk=32)
+    calls: list[int] = []
+    forward = model.runner.forward
+
+    def counting_forward(token_ids, start_pos, all_logits=False, slot=0):
+        calls.append(len(token_ids))
+        return forward(token_ids, start_pos, all_logits=all_logits, slot=slot)
+
+    model.runner.forward = counting_forward
+    decoding = engine.submit(model.new_generation(PROMPTS[1], max_tokens=60, temperature=0, raw=True))
+    engine.step()
+    engine.step()
+    long_job = engine.submit(model.new_generation(long_prompt, max_tokens=3, temperature=0, raw=True))
+    prompt_tokens = len(long_job.generation.prompt_ids)
+    assert prompt_tokens > 4 * 32
+    calls.clear()
+    steps = 0
+    while not long_job.done.is_set() and steps < 200:
+        before = len(decoding.generation.generated)
+        engine.step()
+        steps += 1
+        if not decoding.done.is_set():
+            assert len(decoding.generation.generated) == before + 1  # never stalled for the prompt
+    computed = prompt_tokens - long_job.generation.reused_prompt_tokens  # a shared prefix comes from the cache
+    assert calls and max(calls) <= 32 and sum(calls) == computed
+    assert len(calls) >= prompt_tokens // 32
+    engine.run_until_idle()
+    assert decoding.result.token_ids == alone.generate(PROMPTS[1], max_tokens=60, temperature=0, raw=True).token_ids
+    assert long_job.result.token_ids == alone.generate(long_prompt, max_tokens=3, temperature=0, raw=True).token_ids

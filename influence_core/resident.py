@@ -332,16 +332,21 @@ def residents() -> list[dict[str, Any]]:
     return found
 
 
-def stop_resident(state: dict[str, Any], wait_s: float = 5.0) -> None:
+def stop_resident(state: dict[str, Any], wait_s: float = 15.0) -> None:
+    """Stop a resident: SIGTERM, so that it ends what it runs (a background build, `Runner.close`)
+    and removes its files; one still alive after ``wait_s`` is killed. It never outlives a stop."""
     import signal
 
-    try:
-        os.kill(state["pid"], signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + wait_s
-    while _alive(state) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for signum, wait in ((signal.SIGTERM, wait_s), (signal.SIGKILL, 5.0)):
+        if not _alive(state):
+            break
+        try:
+            os.kill(state["pid"], signum)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while _alive(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
     if not _alive(state):
         _remove_files(state["key"])
 
@@ -430,7 +435,10 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
     then answer one client at a time until the keep-alive runs out, the socket file goes, or a stop."""
     import signal
 
+    stop_requested = []
+
     def terminate(signum, frame):
+        stop_requested.append(signum)  # checked between requests too: library code may swallow the raise
         raise _Stopped
 
     signal.signal(signal.SIGTERM, terminate)
@@ -460,7 +468,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
                      preparing=on_idle is not None)
         _write_state(state)
         listener.settimeout(CHECK_S)
-        while True:
+        while not stop_requested:
             try:
                 sock, _ = listener.accept()
             except socket.timeout:
@@ -477,6 +485,7 @@ def serve(spec: Spec, key: str, keep_alive: float) -> None:
             if outcome is not None:
                 state.update(last_used=time.time(), keep_alive=outcome)
                 _write_state(state)
+        failed = False  # a stop that library code swallowed ends the loop all the same
     except _Stopped:
         failed = False
     finally:

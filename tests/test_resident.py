@@ -167,7 +167,10 @@ def on_a_terminal(*args: str) -> str:
         done = subprocess.run([*CLI, "generate", *args], stdout=subprocess.PIPE, stderr=follower, timeout=300,
                               env={**os.environ, "INFLUENCE_KEEP_ALIVE": "300"})
         assert done.returncode == 0
-        return os.read(leader, 65536).decode().strip()
+        import select
+
+        written = select.select([leader], [], [], 5)[0]  # nothing written must not block the read forever
+        return os.read(leader, 65536).decode().strip() if written else ""
     finally:
         os.close(follower)
         os.close(leader)
@@ -292,3 +295,19 @@ def test_a_runner_that_fails_while_idle_keeps_serving_and_is_not_asked_again(hom
     runner, state = Building(), {"key": "b" * 16, "pid": os.getpid(), "preparing": True}
     assert resident._idle_work(runner, runner.on_idle, state) == runner.on_idle and state["preparing"]
     assert resident._idle_work(runner, runner.on_idle, state) is None and not state["preparing"]
+
+
+def test_a_resident_that_does_not_end_on_sigterm_is_killed(home):
+    key = "deafdeafdeafdeaf"
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)", key],
+                                stdout=subprocess.PIPE)
+    try:
+        assert stubborn.stdout.readline() == b"ready\n"
+        state = {"key": key, "pid": stubborn.pid}
+        assert resident._alive(state)
+        resident.stop_resident(state, wait_s=0.5)
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        stubborn.kill()
+        stubborn.wait()

@@ -151,8 +151,7 @@ def prepare_step(model: Llama, key: dict[str, str], device: str, caches: Callabl
             remove_stale(key)
             step = load_step(key, device)
             if step is not None:  # asked for and built: an earlier failure (`BackgroundBuild`) is past
-                for note in (".failed", ".log"):
-                    directory.with_name(directory.name + note).unlink(missing_ok=True)
+                directory.with_name(directory.name + ".failed").unlink(missing_ok=True)
     if step is None:
         raise BackendError(f"the compiled decode step built in {directory} does not load")
     return step

@@ -262,3 +262,26 @@ def test_float32_is_compiled_unasked_only_where_its_memory_fits():
     assert backend.worth_compiling(Source(fits * 2), "int4")  # its package is a fraction of the float weights
     assert not backend.worth_compiling(Source(10**6), "int4")  # too small to be worth a build
     assert not backend.worth_compiling(Source(10**8), "bfloat16")  # unmeasured: stays eager
+
+
+def test_a_background_build_pauses_while_its_runner_serves(tmp_path, store, any_size):
+    path = make_tiny_llama(tmp_path / "model", **{"num_hidden_layers": 1})
+    model = influence.load(path, device="cpu", dtype="int8")
+    runner = model.runner
+    runner.on_idle()
+    build = runner.background_build
+    runner.forward(PROMPT, 0)  # a request: the build stops where it is
+    assert build.paused and process_state(build.process.pid) == "T"
+    runner.decode_batch([5], [len(PROMPT)])
+    assert build.paused
+    runner.on_idle()  # idle again: it goes on
+    assert not build.paused and process_state(build.process.pid) != "T"
+    runner.forward([5], len(PROMPT) + 1)
+    assert build.paused
+    model.close()  # a paused build is stopped too, not left behind
+    assert build.process.poll() is not None
+
+
+def process_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]

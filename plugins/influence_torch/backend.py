@@ -70,6 +70,8 @@ class TorchRunner(Runner):
     def forward(self, token_ids: Sequence[int], start_pos: int, all_logits: bool = False, slot: int = 0) -> Any:
         import torch
 
+        if self.background_build is not None:
+            self.background_build.pause()  # until the next idle moment (`on_idle`)
         end = start_pos + len(token_ids)
         self._prepare(end, slot + 1)
         self.slot_lengths[slot] = end
@@ -87,6 +89,8 @@ class TorchRunner(Runner):
     def decode_batch(self, token_ids: Sequence[int], positions: Sequence[int]) -> Any:
         import torch
 
+        if self.background_build is not None:
+            self.background_build.pause()
         end = max(positions) + 1
         self._prepare(end, len(token_ids))
         for slot, position in enumerate(positions):

@@ -168,6 +168,26 @@ class BackgroundBuild:
         self.key, self.source, self.dtype, self.device = key, source, dtype, device
         self.process: Any = None
         self.finished = False
+        self.paused = False
+
+    def pause(self) -> None:
+        """Stop the build (the child and its compilers) while the runner serves: even at nice 19, a
+        build beside a generation on 2 cores made a 40-token answer take 17 s instead of about 1."""
+        if self.process is not None and not self.paused and self.process.poll() is None:
+            self._signal_build("SIGSTOP")
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self._signal_build("SIGCONT")
+            self.paused = False
+
+    def _signal_build(self, name: str) -> None:
+        import os
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, getattr(signal, name))  # its own session: the child and its compilers
 
     @property
     def failure_note(self) -> Path:
@@ -180,6 +200,7 @@ class BackgroundBuild:
 
         if self.finished:
             return None
+        self.resume()
         if self.process is None:
             step = load_step(self.key, self.device)
             if step is not None or self.failure_note.exists():
@@ -209,18 +230,15 @@ class BackgroundBuild:
     def cancel(self) -> None:
         """Stop a build still running, with the compiler it runs (its partial directory is never
         taken for a package)."""
-        import os
-        import signal
         import subprocess
 
         if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)  # its own session: the child and its compilers
+            self._signal_build("SIGTERM")
+            self.resume()  # a stopped process handles its SIGTERM once continued
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
+                self._signal_build("SIGKILL")
                 self.process.wait()
 
 

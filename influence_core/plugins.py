@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -73,8 +74,12 @@ def warn(message: str) -> None:
     print(f"influence: warning: {message}", file=sys.stderr)
 
 
+def tracing() -> bool:
+    return os.environ.get(TRACE_PLUGINS_ENV, "") not in ("", "0")
+
+
 def trace(message: str) -> None:
-    if os.environ.get(TRACE_PLUGINS_ENV, "") not in ("", "0"):
+    if tracing():
         print(f"influence: trace: {message}", file=sys.stderr)
 
 
@@ -261,8 +266,22 @@ def _allowed_plugins() -> set[str] | None:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
+# Each distribution's name, read once: `Distribution.name` parses its METADATA file on every access,
+# and start-up asks it of every entry point several times.
+_distribution_names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _distribution_name(entry_point: importlib.metadata.EntryPoint) -> str | None:
+    dist = entry_point.dist
+    if dist is None:
+        return None
+    if dist not in _distribution_names:
+        _distribution_names[dist] = dist.name
+    return _distribution_names[dist]
+
+
 def _is_builtin(entry_point: importlib.metadata.EntryPoint) -> bool:
-    return entry_point.dist is not None and entry_point.dist.name == BUILTIN_DISTRIBUTION
+    return _distribution_name(entry_point) == BUILTIN_DISTRIBUTION
 
 
 @lru_cache(maxsize=1)
@@ -305,7 +324,8 @@ def _load_entry_points(manager: pluggy.PluginManager) -> None:
             warn(f"plugin {entry_point.name!r} ({entry_point.value}) was skipped: it failed to load: "
                  f"{type(error).__name__}: {error}")
             continue
-        trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){_from(entry_point)}")
+        if tracing():  # its distribution's version is read from disk
+            trace(f"loaded plugin {entry_point.name!r} ({entry_point.value}){_from(entry_point)}")
         _warn_unknown_hooks(manager, entry_point.name)
 
 
